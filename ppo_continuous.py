@@ -1,0 +1,418 @@
+"""Proximal Policy Optimization (Schulman et al. 2017) for continuous actions, in one file.
+
+    python ppo_continuous.py --env-id HalfCheetah-v4
+
+Read top to bottom: arguments, environments, normalization, actor-critic, GAE (Â_t),
+the clipped loss (L^CLIP, L^VF, S), then the training loop that ties them together.
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.vector import AutoresetMode
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    env_id: str = "HalfCheetah-v4"
+    """gymnasium id of an environment with a Box action space"""
+    total_timesteps: int = 1_000_000
+    """environment steps to train for, summed over all sub-environments"""
+    seed: int = 1
+    """seed for torch, numpy, random and the environments"""
+    exp_name: str = "ppo_continuous"
+    """name of the experiment, part of the run directory name"""
+    cuda: bool = True
+    """use the GPU when one is available (falls back to the CPU otherwise)"""
+    torch_deterministic: bool = True
+    """make cuDNN deterministic so a seed reproduces a run"""
+    torch_threads: int = 1
+    """CPU threads for torch; small MLPs run fastest on one"""
+
+    num_envs: int = 8
+    """sub-environments stepped together; the policy sees them as one batch"""
+    vector_mode: Literal["sync", "async"] = "sync"
+    """sync steps the sub-environments in this process, async in one subprocess each"""
+    num_steps: int = 256
+    """steps per sub-environment in each rollout (samples per rollout = num_envs * num_steps)"""
+
+    learning_rate: float = 3e-4
+    """Adam step size at the start of training"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to zero over training"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    gae_lambda: float = 0.95
+    """GAE λ: 0 gives the one-step TD error, 1 the Monte-Carlo return minus V"""
+    num_minibatches: int = 32
+    """minibatches each rollout is split into"""
+    update_epochs: int = 10
+    """passes over each rollout"""
+    norm_adv: bool = True
+    """normalize advantages within each minibatch"""
+    clip_coef: float = 0.2
+    """clip range ε of the probability ratio r_t(θ)"""
+    clip_vloss: bool = False
+    """also clip the value prediction to ±ε around the old value"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus S"""
+    vf_coef: float = 0.5
+    """weight of the value loss L^VF"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this"""
+    target_kl: float | None = None
+    """stop the epochs of an update early once the approximate KL exceeds this"""
+
+    clip_obs: float = 10.0
+    """clip normalized observations to ±this"""
+    clip_reward: float = 10.0
+    """clip scaled rewards to ±this"""
+
+
+def validate(args: Args) -> None:
+    """Reject inconsistent arguments with a one-line message before anything is built."""
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_rate", "clip_coef", "clip_obs", "clip_reward"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise SystemExit(
+            f"error: samples per rollout ({args.num_envs} envs x {args.num_steps} steps = {batch_size}) "
+            f"is not divisible by --num-minibatches {args.num_minibatches}"
+        )
+    if args.total_timesteps < batch_size:
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} samples)")
+
+
+# ---- Environments: N copies stepped as one batch -------------------------------------------------
+# Autoreset mode. Gymnasium 1.x resets a finished sub-environment either on the NEXT_STEP (the step
+# after the end returns the reset observation, ignores the action and pays reward 0: a fake transition
+# that would have to be masked out of GAE and the loss) or on the SAME_STEP (the ending step returns
+# the reset observation and puts the true last observation in infos["final_obs"]). We use SAME_STEP:
+# every stored transition is real, and the final observation we need to bootstrap a time-limit
+# truncation is right there. Gymnasium's own NormalizeObservation refuses SAME_STEP (and would not
+# normalize infos["final_obs"]), so normalization below is ours and applied to both.
+
+
+def make_env(env_id: str):
+    return lambda: gym.make(env_id)
+
+
+def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
+    """Build the vector env, or exit with one line if the id is unknown or its actions are not continuous."""
+    try:
+        probe = gym.make(env_id)
+    except gym.error.Error as error:
+        raise SystemExit(f"error: cannot make environment {env_id!r}: {error}")
+    action_space, observation_space = probe.action_space, probe.observation_space
+    probe.close()
+    if not isinstance(action_space, gym.spaces.Box):
+        raise SystemExit(f"error: {env_id} has a {type(action_space).__name__} action space; this PPO needs a continuous (Box) one")
+    if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
+        raise SystemExit(f"error: {env_id} observations must be a flat Box, got {observation_space}")
+    vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
+    envs = vector_class([make_env(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+    # Raw (unscaled) episode returns and lengths for logging, in infos["episode"].
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=10)
+
+
+# ---- Normalization: one set of running statistics shared by all sub-environments -------------------
+class RunningMeanStd:
+    """Mean and variance of everything seen so far, merged batch by batch (Chan et al.'s parallel rule)."""
+
+    def __init__(self, shape=()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4  # a tiny prior count keeps the first merge well defined
+
+    def update(self, batch: np.ndarray) -> None:
+        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean = self.mean + delta * batch_count / total
+        self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
+        self.count = total
+
+
+def normalize_obs(obs: np.ndarray, obs_rms: RunningMeanStd, clip: float) -> np.ndarray:
+    return np.clip((obs - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -clip, clip)
+
+
+class RewardScaler:
+    """Divide rewards by the running std of the discounted return G_t = γ G_{t-1} + r_t (no mean shift,
+    so the sign of every reward is kept). G restarts when an episode ends, by termination or time limit."""
+
+    def __init__(self, num_envs: int, gamma: float, clip: float):
+        self.return_rms = RunningMeanStd()
+        self.returns = np.zeros(num_envs)
+        self.gamma, self.clip = gamma, clip
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        self.returns = self.returns * self.gamma + rewards
+        self.return_rms.update(self.returns)
+        self.returns[dones] = 0.0
+        return np.clip(rewards / np.sqrt(self.return_rms.var + 1e-8), -self.clip, self.clip)
+
+
+# ---- Actor-critic: π_θ(a|s) = N(μ_θ(s), diag σ²) and V_φ(s) ------------------------------------------
+def layer_init(layer: nn.Linear, gain: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), gain=1.0),
+        )  # fmt: skip
+        # A small gain on the last layer starts μ near 0, so early actions are driven by σ, not by chance weights.
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, action_dim), gain=0.01),
+        )  # fmt: skip
+        # log σ is a free parameter, not a function of the state.
+        self.actor_logstd = nn.Parameter(torch.zeros(action_dim))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log π(a|s) of a diagonal Gaussian: Σ_i [-(a_i-μ_i)²/(2σ_i²) - log σ_i - ½ log 2π]."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of a diagonal Gaussian: Σ_i [log σ_i + ½ log(2πe)], the same for every state here."""
+    return (log_std + 0.5 * np.log(2 * np.pi * np.e)).sum(-1)
+
+
+# ---- Advantages Â_t by GAE(γ, λ) ---------------------------------------------------------------------
+def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
+    """Generalized advantage estimates and value targets for a (T, N) rollout.
+
+    next_values[t] is V(s_{t+1}) for the state the transition at t really reached: the final
+    observation when the episode ended at t, not the reset observation that follows.
+        δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)    a time-limit cut still bootstraps
+        Â_t = δ_t + γλ (1 - done_t) Â_{t+1}                      no credit flows across an episode end
+    Returns (Â, Â + V), the advantages and the value targets R_t.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
+        next_advantage = delta + gamma * gae_lambda * (1.0 - dones[t]) * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+# ---- Loss: -L^CLIP + c1 L^VF - c2 S ------------------------------------------------------------------
+def ppo_loss(
+    new_logprob, old_logprob, advantages, new_value, old_value, returns, entropy,
+    clip_coef: float, vf_coef: float, ent_coef: float, clip_vloss: bool,
+):  # fmt: skip
+    """The PPO objective as a loss to minimise, and its parts for logging.
+
+    r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t)
+    L^CLIP = E[min(r_t Â_t, clip(r_t, 1-ε, 1+ε) Â_t)]      a pessimistic bound: no gain from moving r past 1±ε
+    L^VF   = E[½ (V(s_t) - R_t)²]                          optionally the max with V clipped to V_old ± ε
+    S      = E[entropy of π_θ(·|s_t)]
+    """
+    log_ratio = new_logprob - old_logprob
+    ratio = log_ratio.exp()
+    policy_loss = -torch.min(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages).mean()
+
+    value_error = (new_value - returns) ** 2
+    if clip_vloss:
+        clipped_value = old_value + (new_value - old_value).clamp(-clip_coef, clip_coef)
+        value_error = torch.max(value_error, (clipped_value - returns) ** 2)
+    value_loss = 0.5 * value_error.mean()
+
+    entropy = entropy.mean()
+    loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
+    with torch.no_grad():
+        stats = {
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "entropy": entropy,
+            # E[(r-1) - log r]: an unbiased, never-negative estimate of KL(π_old || π_θ)
+            "approx_kl": ((ratio - 1) - log_ratio).mean(),
+            "clip_fraction": ((ratio - 1).abs() > clip_coef).float().mean(),
+        }
+    return loss, stats
+
+
+# ---- Training loop ---------------------------------------------------------------------------------
+def train(args: Args) -> str:
+    """Train, log to runs/<run>/, and return the run directory."""
+    validate(args)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
+    obs_dim = envs.single_observation_space.shape[0]
+    action_dim = envs.single_action_space.shape[0]
+    action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    agent = Agent(obs_dim, action_dim).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    obs_rms = RunningMeanStd((obs_dim,))
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, args.clip_reward)
+
+    # Rollout storage, (T, N, ...), on the training device.
+    obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
+    actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
+    logprobs_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    final_values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    rewards_np = np.zeros((args.num_steps, args.num_envs), np.float32)
+    terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
+    dones_np = np.zeros((args.num_steps, args.num_envs), np.float32)
+
+    def to_policy_input(raw_obs: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(normalize_obs(raw_obs, obs_rms, args.clip_obs), dtype=torch.float32, device=device)
+
+    global_step = 0
+    start_time = last_print = time.time()
+    raw_obs, _ = envs.reset(seed=args.seed)
+    envs.action_space.seed(args.seed)
+    obs_rms.update(raw_obs)
+    next_obs = to_policy_input(raw_obs)
+
+    for iteration in range(1, num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+        rollout_start = time.time()
+
+        # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), V(s_t), r_t) -------------------
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            with torch.inference_mode():
+                mean = agent.actor_mean(next_obs)
+                log_std = agent.actor_logstd.expand_as(mean)
+                action = mean + log_std.exp() * torch.randn_like(mean)
+                obs_buf[step] = next_obs
+                actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
+                logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
+                values_buf[step] = agent.value(next_obs)
+
+            env_action = np.clip(action.cpu().numpy(), action_low, action_high)  # only the env sees the clip
+            raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
+            dones = terminations | truncations
+            obs_rms.update(raw_obs)
+            rewards_np[step] = reward_scaler(rewards, dones)
+            terminations_np[step], dones_np[step] = terminations, dones
+            next_obs = to_policy_input(raw_obs)
+
+            # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
+            if truncations.any():
+                final_obs = to_policy_input(np.stack(infos["final_obs"][truncations]))
+                with torch.inference_mode():
+                    final_values_buf[step, torch.as_tensor(truncations, device=device)] = agent.value(final_obs)
+            if "episode" in infos:
+                for ep_return, ep_length in zip(infos["episode"]["r"][infos["_episode"]], infos["episode"]["l"][infos["_episode"]]):
+                    writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length, global_step)
+
+        # -- Advantages Â_t and value targets R_t --------------------------------------------------------
+        with torch.inference_mode():
+            dones_t = torch.as_tensor(dones_np, device=device)
+            # V(s_{t+1}): the next stored state, or the final obs where an episode ended (0 if it terminated)
+            next_values = torch.cat([values_buf[1:], agent.value(next_obs)[None]])
+            next_values = torch.where(dones_t.bool(), final_values_buf, next_values)
+            advantages, returns = compute_gae(
+                torch.as_tensor(rewards_np, device=device), values_buf, next_values,
+                torch.as_tensor(terminations_np, device=device), dones_t, args.gamma, args.gae_lambda,
+            )  # fmt: skip
+        final_values_buf.zero_()
+
+        # -- Update: several epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S --------------------------
+        update_start = time.time()
+        b_obs = obs_buf.reshape(-1, obs_dim)
+        b_actions = actions_buf.reshape(-1, action_dim)
+        b_logprobs, b_values = logprobs_buf.reshape(-1), values_buf.reshape(-1)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+        epoch_stats = []
+        for epoch in range(args.update_epochs):
+            permutation = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = permutation[start : start + minibatch_size]
+                mean = agent.actor_mean(b_obs[mb])
+                log_std = agent.actor_logstd.expand_as(mean)
+                mb_advantages = b_advantages[mb]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                loss, stats = ppo_loss(
+                    gaussian_log_prob(b_actions[mb], mean, log_std), b_logprobs[mb], mb_advantages,
+                    agent.value(b_obs[mb]), b_values[mb], b_returns[mb], gaussian_entropy(agent.actor_logstd),
+                    args.clip_coef, args.vf_coef, args.ent_coef, args.clip_vloss,
+                )  # fmt: skip
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                epoch_stats.append(torch.stack(list(stats.values())))
+            if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
+                break
+
+        # -- Logging ---------------------------------------------------------------------------------------
+        now = time.time()
+        mean_stats = torch.stack(epoch_stats).mean(0).tolist()
+        for name, value in zip(stats.keys(), mean_stats):
+            writer.add_scalar(f"losses/{name}", value, global_step)
+        var_returns = b_returns.var().item()
+        explained_variance = float("nan") if var_returns == 0 else 1 - (b_returns - b_values).var().item() / var_returns
+        writer.add_scalar("losses/explained_variance", explained_variance, global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/epochs_run", epoch + 1, global_step)
+        sps = int(global_step / (now - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/rollout_seconds", update_start - rollout_start, global_step)
+        writer.add_scalar("charts/update_seconds", now - update_start, global_step)
+        if now - last_print > 10 or iteration == num_iterations:
+            last_print = now
+            recent = envs.return_queue
+            recent_text = f"{np.mean(recent):.1f} over last {len(recent)} episodes" if recent else "no episode finished yet"
+            print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps:,} SPS | return {recent_text}", flush=True)
+
+    envs.close()
+    writer.close()
+    return run_dir
+
+
+if __name__ == "__main__":
+    run_dir = train(tyro.cli(Args))
+    print(f"TensorBoard logs in {run_dir}: tensorboard --logdir runs")
