@@ -1,0 +1,281 @@
+"""Checks of ppo_continuous.py against numbers worked out by hand.
+
+Run with:  pytest test_ppo.py
+"""
+
+import glob
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppo_continuous import (
+    Args,
+    RewardScaler,
+    RunningMeanStd,
+    compute_gae,
+    gaussian_entropy,
+    gaussian_log_prob,
+    normalize_obs,
+    ppo_loss,
+    train,
+)
+
+SCRIPT = str(Path(__file__).with_name("ppo_continuous.py"))
+
+
+# ---- r_t(θ) and L^CLIP -----------------------------------------------------------------------------
+def policy_only_loss(ratio: float, advantage: float, clip_coef: float = 0.2):
+    """ppo_loss with the value and entropy terms switched off, for one sample; returns (loss, d loss/d log π_θ, stats)."""
+    new_logprob = torch.tensor([math.log(ratio)], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    loss, stats = ppo_loss(
+        new_logprob, zero, torch.tensor([advantage], dtype=torch.float64), zero, zero, zero, zero,
+        clip_coef=clip_coef, vf_coef=0.0, ent_coef=0.0, clip_vloss=False,
+    )  # fmt: skip
+    loss.backward()
+    return loss.item(), new_logprob.grad.item(), stats
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, expected_loss, expected_grad",
+    [
+        # A>0, r=1.5 > 1+ε: min(1.5*2, 1.2*2) = min(3.0, 2.4) = 2.4, clipped -> loss -2.4, gradient 0
+        (1.5, 2.0, -2.4, 0.0),
+        # A<0, r=0.5 < 1-ε: min(0.5*-1, 0.8*-1) = min(-0.5, -0.8) = -0.8, clipped -> loss 0.8, gradient 0
+        (0.5, -1.0, 0.8, 0.0),
+        # A>0, r=0.5 < 1-ε: min(0.5*2, 0.8*2) = min(1.0, 1.6) = 1.0, the unclipped term -> loss -1.0;
+        # d(-r A)/d log π = -r A (since dr/d log π = r) = -0.5*2 = -1.0
+        (0.5, 2.0, -1.0, -1.0),
+        # A<0, r=1.5 > 1+ε: min(1.5*-1, 1.2*-1) = min(-1.5, -1.2) = -1.5, unclipped -> loss 1.5; grad -r A = 1.5
+        (1.5, -1.0, 1.5, 1.5),
+        # r=1.1 inside [0.8, 1.2], A=3: min(3.3, 3.3) = 3.3 -> loss -3.3; grad -r A = -3.3
+        (1.1, 3.0, -3.3, -3.3),
+    ],
+)
+def test_clipped_surrogate_matches_hand_values(ratio, advantage, expected_loss, expected_grad):
+    loss, grad, _ = policy_only_loss(ratio, advantage)
+    assert loss == pytest.approx(expected_loss, abs=1e-12)
+    assert grad == pytest.approx(expected_grad, abs=1e-12)
+
+
+def test_clip_fraction_and_approx_kl():
+    # r = 1.5: |r-1| = 0.5 > 0.2 so clip fraction 1; KL estimate (r-1) - ln r = 0.5 - 0.4054651 = 0.0945349
+    _, _, stats = policy_only_loss(1.5, 1.0)
+    assert stats["clip_fraction"].item() == 1.0
+    assert stats["approx_kl"].item() == pytest.approx(0.0945349, abs=1e-7)
+    # r = 1.1: inside the range, clip fraction 0; KL estimate 0.1 - ln 1.1 = 0.1 - 0.0953102 = 0.0046898
+    _, _, stats = policy_only_loss(1.1, 1.0)
+    assert stats["clip_fraction"].item() == 0.0
+    assert stats["approx_kl"].item() == pytest.approx(0.0046898, abs=1e-7)
+
+
+def test_total_loss_combines_terms():
+    # r=1 (same log-probs), A=[1, 3] -> L^CLIP = mean(1, 3) = 2; V=[0, 1], R=[1, 3] -> L^VF = ½ mean(1, 4) = 1.25;
+    # entropy 2.0. loss = -2 + 0.5*1.25 - 0.01*2.0 = -2 + 0.625 - 0.02 = -1.395
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    loss, stats = ppo_loss(t(0.0, 0.0), t(0.0, 0.0), t(1.0, 3.0), t(0.0, 1.0), t(0.0, 1.0), t(1.0, 3.0), t(2.0),
+                           clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=False)  # fmt: skip
+    assert loss.item() == pytest.approx(-1.395)
+    assert stats["policy_loss"].item() == pytest.approx(-2.0)
+    assert stats["value_loss"].item() == pytest.approx(1.25)
+    assert stats["entropy"].item() == pytest.approx(2.0)
+
+
+# ---- L^VF with and without clipping -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "new_value, old_value, target, clip_vloss, expected",
+    [
+        # unclipped: ½ (2-3)² = 0.5
+        (2.0, 1.0, 3.0, False, 0.5),
+        # clipped V = 1 + clamp(2-1, -0.2, 0.2) = 1.2; max((2-3)², (1.2-3)²) = max(1, 3.24) = 3.24; ½ -> 1.62
+        (2.0, 1.0, 3.0, True, 1.62),
+        # target 0: max((2-0)², (1.2-0)²) = max(4, 1.44) = 4; ½ -> 2.0 (clipping never lowers the loss)
+        (2.0, 1.0, 0.0, True, 2.0),
+        # inside the range: V=1.1, clipped V=1.1, ½ (1.1-2)² = ½ 0.81 = 0.405
+        (1.1, 1.0, 2.0, True, 0.405),
+    ],
+)
+def test_value_loss(new_value, old_value, target, clip_vloss, expected):
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    _, stats = ppo_loss(t(0.0), t(0.0), t(0.0), t(new_value), t(old_value), t(target), t(0.0),
+                        clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=clip_vloss)  # fmt: skip
+    assert stats["value_loss"].item() == pytest.approx(expected)
+
+
+# ---- The diagonal Gaussian policy ------------------------------------------------------------------------
+def test_gaussian_log_prob_closed_form():
+    # a=(0.5, -1), μ=(0, 0), σ=(1, 2); ½ log 2π = 0.9189385
+    # dim 1: -½ (0.5/1)² - log 1 - 0.9189385 = -0.125 - 0 - 0.9189385 = -1.0439385
+    # dim 2: -½ (-1/2)² - log 2 - 0.9189385 = -0.125 - 0.6931472 - 0.9189385 = -1.7370857
+    # sum: -2.7810242
+    log_std = torch.tensor([0.0, math.log(2.0)], dtype=torch.float64)
+    actions = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
+    mean = torch.zeros(1, 2, dtype=torch.float64)
+    assert gaussian_log_prob(actions, mean, log_std).item() == pytest.approx(-2.7810242, abs=1e-7)
+
+
+def test_gaussian_entropy_closed_form():
+    # σ=(1, 2): Σ [log σ_i + ½ log(2πe)] = 0 + 0.6931472 + 2 * 1.4189385 = 3.5310242
+    log_std = torch.tensor([0.0, math.log(2.0)], dtype=torch.float64)
+    assert gaussian_entropy(log_std).item() == pytest.approx(3.5310242, abs=1e-7)
+
+
+# ---- Â_t by GAE -----------------------------------------------------------------------------------------
+# One env, 3 steps, γ=0.9, λ=0.8 (γλ = 0.72), r=(1, 2, 3), V(s_t)=(0.5, 1.0, 1.5), V(s_{t+1})=(1.0, 1.5, 2.0)
+# δ_0 = 1 + 0.9*1.0 - 0.5 = 1.4     δ_1 = 2 + 0.9*1.5 - 1.0 = 2.35     δ_2 = 3 + 0.9*2.0 - 1.5 = 3.3
+GAMMA, LAMBDA = 0.9, 0.8
+REWARDS = [1.0, 2.0, 3.0]
+VALUES = [0.5, 1.0, 1.5]
+NEXT_VALUES = [1.0, 1.5, 2.0]
+
+
+def gae(rewards, values, next_values, terminations, dones, gae_lambda=LAMBDA):
+    col = lambda x: torch.tensor(x, dtype=torch.float64).reshape(len(x), -1)  # noqa: E731  (T,) -> (T, 1)
+    advantages, returns = compute_gae(col(rewards), col(values), col(next_values), col(terminations), col(dones),
+                                      GAMMA, gae_lambda)  # fmt: skip
+    return advantages.squeeze(-1).tolist(), returns.squeeze(-1).tolist()
+
+
+def test_gae_by_hand():
+    # Â_2 = 3.3;  Â_1 = 2.35 + 0.72*3.3 = 4.726;  Â_0 = 1.4 + 0.72*4.726 = 4.80272
+    # R = Â + V = (5.30272, 5.726, 4.8)
+    advantages, returns = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0])
+    assert advantages == pytest.approx([4.80272, 4.726, 3.3])
+    assert returns == pytest.approx([5.30272, 5.726, 4.8])
+
+
+def test_gae_termination_stops_bootstrap_and_carry():
+    # terminated at t=1: V(s_2) must be ignored (set to 99 to prove it), δ_1 = 2 - 1.0 = 1.0; Â_1 = δ_1 (no carry from t=2)
+    # Â_2 = 3.3;  Â_0 = 1.4 + 0.72*1.0 = 2.12
+    advantages, _ = gae(REWARDS, VALUES, [1.0, 99.0, 2.0], [0, 1, 0], [0, 1, 0])
+    assert advantages == pytest.approx([2.12, 1.0, 3.3])
+
+
+def test_gae_truncation_bootstraps_from_final_observation():
+    # time limit at t=1: bootstrap from V(final obs) = 4.0, not V of the reset state; no carry from t=2
+    # δ_1 = 2 + 0.9*4.0 - 1.0 = 4.6 = Â_1;  Â_2 = 3.3;  Â_0 = 1.4 + 0.72*4.6 = 4.712
+    advantages, _ = gae(REWARDS, VALUES, [1.0, 4.0, 2.0], [0, 0, 0], [0, 1, 0])
+    assert advantages == pytest.approx([4.712, 4.6, 3.3])
+
+
+def test_gae_two_envs_are_independent():
+    # env 0 is the plain example, env 1 the terminated one: each column matches its single-env answer
+    pair = lambda a, b: torch.tensor([a, b], dtype=torch.float64).T  # noqa: E731  (T, 2)
+    advantages, _ = compute_gae(
+        pair(REWARDS, REWARDS), pair(VALUES, VALUES), pair(NEXT_VALUES, [1.0, 99.0, 2.0]),
+        pair([0, 0, 0], [0, 1, 0]), pair([0, 0, 0], [0, 1, 0]), GAMMA, LAMBDA,
+    )  # fmt: skip
+    assert advantages[:, 0].tolist() == pytest.approx([4.80272, 4.726, 3.3])
+    assert advantages[:, 1].tolist() == pytest.approx([2.12, 1.0, 3.3])
+
+
+def test_gae_lambda_zero_is_td_error():
+    # λ=0: Â_t = δ_t = (1.4, 2.35, 3.3)
+    advantages, _ = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0], gae_lambda=0.0)
+    assert advantages == pytest.approx([1.4, 2.35, 3.3])
+
+
+def test_gae_lambda_one_is_discounted_return_minus_value():
+    # λ=1, bootstrapping the last step with V=2.0: G_2 = 3 + 0.9*2.0 = 4.8; G_1 = 2 + 0.9*4.8 = 6.32;
+    # G_0 = 1 + 0.9*6.32 = 6.688.  Â = G - V = (6.188, 5.32, 3.3)
+    advantages, returns = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0], gae_lambda=1.0)
+    assert advantages == pytest.approx([6.188, 5.32, 3.3])
+    assert returns == pytest.approx([6.688, 6.32, 4.8])
+
+
+# ---- Normalization shared by all sub-environments ----------------------------------------------------
+def test_running_stats_over_env_batches_equal_pooled_stats():
+    rng = np.random.default_rng(0)
+    steps = [rng.normal(3.0, 2.0, size=(4, 5)) for _ in range(50)]  # 50 steps of 4 envs, 5-dim observations
+    rms = RunningMeanStd((5,))
+    for batch in steps:
+        rms.update(batch)
+    pooled = np.concatenate(steps)
+    # the 1e-4 prior count shifts the result by about 1e-4/200 relative
+    np.testing.assert_allclose(rms.mean, pooled.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(rms.var, pooled.var(0), rtol=1e-5)
+    assert rms.count == pytest.approx(200)
+
+
+def test_normalize_obs_uses_stats_and_clips():
+    rms = RunningMeanStd((2,))
+    rms.mean, rms.var = np.array([1.0, 0.0]), np.array([4.0, 1e-6])
+    # (3-1)/sqrt(4) = 1.0;  (1-0)/sqrt(1e-6 + 1e-8) = 995 -> clipped to 10
+    np.testing.assert_allclose(normalize_obs(np.array([[3.0, 1.0]]), rms, clip=10.0), [[1.0, 10.0]], rtol=1e-6)
+
+
+def test_reward_scaler_shares_one_return_statistic():
+    # 2 envs, γ=0.5. Step 1: G = (1, 2). Step 2: G = 0.5*(1, 2) + (3, 4) = (3.5, 5).
+    # Pooled over both envs and steps: mean (1+2+3.5+5)/4 = 2.875,
+    # var ((1.875)² + (0.875)² + (0.625)² + (2.125)²)/4 = (3.515625+0.765625+0.390625+4.515625)/4 = 2.296875
+    # so the step-2 rewards become (3, 4)/sqrt(2.296875) = (1.979487, 2.639316)
+    scaler = RewardScaler(num_envs=2, gamma=0.5, clip=10.0)
+    no_done = np.zeros(2, bool)
+    scaler(np.array([1.0, 2.0]), no_done)
+    scaled = scaler(np.array([3.0, 4.0]), no_done)
+    assert scaler.return_rms.var == pytest.approx(2.296875, rel=1e-4)
+    np.testing.assert_allclose(scaled, [1.979487, 2.639316], rtol=1e-4)
+
+
+def test_reward_scaler_restarts_return_at_episode_end():
+    scaler = RewardScaler(num_envs=2, gamma=0.5, clip=10.0)
+    scaler(np.array([1.0, 2.0]), np.array([True, False]))
+    # env 0's episode ended: its return restarts at 0, env 1 carries on at 2
+    np.testing.assert_allclose(scaler.returns, [0.0, 2.0])
+
+
+# ---- Whole runs ------------------------------------------------------------------------------------
+SMALL = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2)
+
+
+def scalars(run_dir: str, tag: str) -> list[float]:
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    return [event.value for event in accumulator.Scalars(tag)]
+
+
+@pytest.mark.parametrize("env_id, total_timesteps", [("Pendulum-v1", 1024), ("HalfCheetah-v4", 2048)])
+def test_smoke_training_writes_tensorboard_logs(tmp_path, monkeypatch, env_id, total_timesteps):
+    monkeypatch.chdir(tmp_path)
+    run_dir = train(Args(env_id=env_id, total_timesteps=total_timesteps, **SMALL))
+    assert glob.glob(f"{run_dir}/events.out.tfevents.*")
+    # Pendulum (200 steps) and HalfCheetah (1000 steps) episodes end by time limit within these runs
+    returns = scalars(run_dir, "charts/episodic_return")
+    assert returns and all(np.isfinite(returns))
+    assert len(scalars(run_dir, "losses/approx_kl")) == total_timesteps // (SMALL["num_envs"] * SMALL["num_steps"])
+
+
+def test_same_seed_gives_same_learning_curve(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="a", **SMALL))
+    second = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="b", **SMALL))
+    for tag in ("charts/episodic_return", "losses/value_loss", "losses/approx_kl"):
+        assert scalars(first, tag) == scalars(second, tag)
+
+
+def run_script(*cli_args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *cli_args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "cli_args, message",
+    [
+        (["--env-id", "CartPole-v1"], "Discrete action space"),
+        (["--env-id", "NoSuchEnv-v0"], "cannot make environment 'NoSuchEnv-v0'"),
+        (["--num-minibatches", "7"], "not divisible by --num-minibatches 7"),
+        (["--total-timesteps", "100"], "less than one rollout"),
+        (["--num-envs", "0"], "--num-envs must be positive"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    ],
+)
+def test_bad_input_exits_with_one_line_message(cli_args, message):
+    result = run_script(*cli_args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
