@@ -8,6 +8,7 @@ the clipped loss (L^CLIP, L^VF, S), then the training loop that ties them togeth
 
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -77,12 +78,30 @@ class Args:
     clip_reward: float = 10.0
     """clip scaled rewards to ±this"""
 
+    save_model: bool = True
+    """write runs/<run>/checkpoint.pt at the end of training (and on Ctrl-C)"""
+    checkpoint_every: int = 0
+    """also write the checkpoint every this many iterations (0: only at the end)"""
+    resume: str | None = None
+    """continue training from this checkpoint, with its saved settings, in its run directory"""
+    eval_checkpoint: str | None = None
+    """evaluate this checkpoint instead of training, and print mean ± std of the raw returns"""
+    eval_episodes: int = 10
+    """episodes in the evaluation after training or of --eval-checkpoint (0: none after training)"""
+    eval_stochastic: bool = False
+    """evaluate by sampling actions instead of taking the mean action"""
+    capture_video: bool = False
+    """record the evaluation episodes to runs/<run>/videos/ (MuJoCo headless needs MUJOCO_GL=egl or osmesa)"""
+
 
 def validate(args: Args) -> None:
     """Reject inconsistent arguments with a one-line message before anything is built."""
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("checkpoint_every", "eval_episodes"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("learning_rate", "clip_coef", "clip_obs", "clip_reward"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -109,24 +128,25 @@ def validate(args: Args) -> None:
 # normalize infos["final_obs"]), so normalization below is ours and applied to both.
 
 
-def make_env(env_id: str):
-    return lambda: gym.make(env_id)
-
-
-def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
-    """Build the vector env, or exit with one line if the id is unknown or its actions are not continuous."""
+def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    """Observation and action spaces of env_id, or exit with one line if this PPO cannot train on it."""
     try:
         probe = gym.make(env_id)
     except gym.error.Error as error:
         raise SystemExit(f"error: cannot make environment {env_id!r}: {error}")
-    action_space, observation_space = probe.action_space, probe.observation_space
+    observation_space, action_space = probe.observation_space, probe.action_space
     probe.close()
     if not isinstance(action_space, gym.spaces.Box):
         raise SystemExit(f"error: {env_id} has a {type(action_space).__name__} action space; this PPO needs a continuous (Box) one")
     if not isinstance(observation_space, gym.spaces.Box) or len(observation_space.shape) != 1:
         raise SystemExit(f"error: {env_id} observations must be a flat Box, got {observation_space}")
+    return observation_space, action_space
+
+
+def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
+    checked_spaces(env_id)
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
-    envs = vector_class([make_env(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+    envs = vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
     # Raw (unscaled) episode returns and lengths for logging, in infos["episode"].
     return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=10)
 
@@ -148,9 +168,19 @@ class RunningMeanStd:
         self.var = (self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total) / total
         self.count = total
 
+    def state_dict(self) -> dict:
+        return {"mean": torch.tensor(self.mean), "var": torch.tensor(self.var), "count": float(self.count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"].numpy().copy(), state["var"].numpy().copy(), state["count"]
+
 
 def normalize_obs(obs: np.ndarray, obs_rms: RunningMeanStd, clip: float) -> np.ndarray:
     return np.clip((obs - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -clip, clip)
+
+
+def policy_input(raw_obs: np.ndarray, obs_rms: RunningMeanStd, clip: float, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(normalize_obs(raw_obs, obs_rms, clip), dtype=torch.float32, device=device)
 
 
 class RewardScaler:
@@ -262,13 +292,133 @@ def ppo_loss(
     return loss, stats
 
 
+# ---- Evaluation: the mean action μ_θ(s) under frozen normalization, raw returns -----------------------
+def check_rendering(env_id: str) -> None:
+    """Exit with one line, before any training, if --capture-video could not record env_id."""
+    try:
+        import moviepy  # noqa: F401  (gymnasium's RecordVideo writes through it)
+
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        frame = env.render()
+        env.close()
+    except Exception as error:  # each rendering backend fails in its own way
+        raise SystemExit(
+            f"error: --capture-video cannot render {env_id} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "install moviepy, and for headless MuJoCo set MUJOCO_GL=egl (apt install libegl1) or MUJOCO_GL=osmesa (apt install libosmesa6)"
+        )
+    if frame is None:
+        raise SystemExit(f"error: --capture-video: {env_id} returned no frame from render()")
+
+
+def evaluate(agent: "Agent", obs_rms: RunningMeanStd, env_id: str, episodes: int, seed: int, clip_obs: float,
+             stochastic: bool = False, video_dir: str | None = None) -> list[float]:  # fmt: skip
+    """Raw returns of `episodes` episodes in a fresh env; the statistics are only read, never updated."""
+    env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
+    if video_dir:
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
+    device = next(agent.parameters()).device
+    noise = torch.Generator(device=device).manual_seed(seed)  # its own RNG: evaluating never shifts training's
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed if episode == 0 else None)
+        done, episode_return = False, 0.0
+        while not done:
+            with torch.inference_mode():
+                action = agent.actor_mean(policy_input(obs[None], obs_rms, clip_obs, device))
+                if stochastic:
+                    action += agent.actor_logstd.exp() * torch.randn(action.shape, generator=noise, device=device)
+            obs, reward, terminated, truncated, _ = env.step(np.clip(action[0].cpu().numpy(), env.action_space.low, env.action_space.high))
+            episode_return += float(reward)
+            done = terminated or truncated
+        returns.append(episode_return)
+    env.close()
+    return returns
+
+
+# ---- Checkpoints: everything needed to evaluate or continue a run ------------------------------------
+CHECKPOINT_FORMAT = "ppo_continuous/1"
+# Settings that may differ when a run is resumed: they change how it runs, not what it learns.
+RUNTIME_SETTINGS = {"cuda", "torch_threads", "vector_mode", "save_model", "checkpoint_every", "resume",
+                    "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video"}  # fmt: skip
+
+
+def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "args": vars(args),
+        "run_dir": run_dir,
+        "obs_dim": agent.actor_mean[0].in_features,
+        "action_dim": agent.actor_logstd.shape[0],
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "obs_rms": obs_rms.state_dict(),
+        "return_rms": reward_scaler.return_rms.state_dict(),
+        "global_step": global_step,
+        "iteration": iteration,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash mid-write never leaves a corrupt checkpoint."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    try:
+        # weights_only: tensors and plain Python values only, so a checkpoint cannot run code when loaded
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch reports truncated or foreign files with many exception types
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(error).__name__})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return checkpoint
+
+
+def check_shapes(checkpoint: dict, env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+    observation_space, action_space = checked_spaces(env_id)
+    if (observation_space.shape[0], action_space.shape[0]) != (checkpoint["obs_dim"], checkpoint["action_dim"]):
+        raise SystemExit(
+            f"error: checkpoint was trained with {checkpoint['obs_dim']} observations and {checkpoint['action_dim']} actions, "
+            f"but {env_id} has {observation_space.shape[0]} and {action_space.shape[0]}"
+        )
+    return observation_space, action_space
+
+
+def cli_overrides(args: Args) -> dict:
+    """Settings whose value differs from the default, i.e. those the user chose."""
+    defaults = vars(Args())
+    return {name: value for name, value in vars(args).items() if value != defaults[name]}
+
+
+def resume_args(args: Args, checkpoint: dict) -> Args:
+    """The checkpoint's settings, plus the runtime settings given now; any other conflict is an error."""
+    saved = checkpoint["args"]
+    for name, value in cli_overrides(args).items():
+        if name not in RUNTIME_SETTINGS and value != saved[name]:
+            raise SystemExit(
+                f"error: --resume continues a run with its saved settings, but --{name.replace('_', '-')} {value} "
+                f"differs from the checkpoint's {saved[name]}"
+            )
+    return Args(**{**saved, **{name: getattr(args, name) for name in RUNTIME_SETTINGS}})
+
+
 # ---- Training loop ---------------------------------------------------------------------------------
-def train(args: Args) -> str:
-    """Train, log to runs/<run>/, and return the run directory."""
+def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]:
+    """Train (from scratch, or on from a checkpoint), log to runs/<run>/; return the run directory and
+    the raw returns of the final evaluation."""
     validate(args)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; read when MuJoCo is first imported
+        check_rendering(args.env_id)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -277,20 +427,40 @@ def train(args: Args) -> str:
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
+    # Async workers inherit an ignored SIGINT, so Ctrl-C reaches only this process, which stops cleanly.
+    stop_requested = []
+    default_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
     envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
+    signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
     obs_dim = envs.single_observation_space.shape[0]
     action_dim = envs.single_action_space.shape[0]
     action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = Agent(obs_dim, action_dim).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd((obs_dim,))
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.clip_reward)
+    global_step, start_iteration = 0, 1
+    if checkpoint is None:
+        run_dir = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    else:
+        check_shapes(checkpoint, args.env_id)
+        run_dir = checkpoint["run_dir"]
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+        reward_scaler.return_rms.load_state_dict(checkpoint["return_rms"])
+        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint["cuda_rng"]:
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    # purge_step drops events a previous session logged after the checkpoint was taken
+    writer = SummaryWriter(run_dir, purge_step=global_step if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    def save(iteration: int) -> None:
+        save_checkpoint(checkpoint_path, training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration))
 
     # Rollout storage, (T, N, ...), on the training device.
     obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
@@ -302,117 +472,171 @@ def train(args: Args) -> str:
     terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
     dones_np = np.zeros((args.num_steps, args.num_envs), np.float32)
 
-    def to_policy_input(raw_obs: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(normalize_obs(raw_obs, obs_rms, args.clip_obs), dtype=torch.float32, device=device)
+    # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
+    # seeded apart from the first session's so it does not replay the same starts.
+    raw_obs, _ = envs.reset(seed=args.seed + global_step)
+    next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
+    start_step, start_time, last_print = global_step, time.time(), 0.0
+    iteration = start_iteration - 1
+    try:
+        for iteration in range(start_iteration, num_iterations + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+            rollout_start = time.time()
 
-    global_step = 0
-    start_time = last_print = time.time()
-    raw_obs, _ = envs.reset(seed=args.seed)
-    envs.action_space.seed(args.seed)
-    obs_rms.update(raw_obs)
-    next_obs = to_policy_input(raw_obs)
-
-    for iteration in range(1, num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
-        rollout_start = time.time()
-
-        # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), V(s_t), r_t) -------------------
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            with torch.inference_mode():
-                mean = agent.actor_mean(next_obs)
-                log_std = agent.actor_logstd.expand_as(mean)
-                action = mean + log_std.exp() * torch.randn_like(mean)
-                obs_buf[step] = next_obs
-                actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
-                logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
-                values_buf[step] = agent.value(next_obs)
-
-            env_action = np.clip(action.cpu().numpy(), action_low, action_high)  # only the env sees the clip
-            raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
-            dones = terminations | truncations
-            obs_rms.update(raw_obs)
-            rewards_np[step] = reward_scaler(rewards, dones)
-            terminations_np[step], dones_np[step] = terminations, dones
-            next_obs = to_policy_input(raw_obs)
-
-            # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
-            if truncations.any():
-                final_obs = to_policy_input(np.stack(infos["final_obs"][truncations]))
+            # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), V(s_t), r_t) ---------------
+            for step in range(args.num_steps):
+                global_step += args.num_envs
                 with torch.inference_mode():
-                    final_values_buf[step, torch.as_tensor(truncations, device=device)] = agent.value(final_obs)
-            if "episode" in infos:
-                for ep_return, ep_length in zip(infos["episode"]["r"][infos["_episode"]], infos["episode"]["l"][infos["_episode"]]):
-                    writer.add_scalar("charts/episodic_return", ep_return, global_step)
-                    writer.add_scalar("charts/episodic_length", ep_length, global_step)
+                    mean = agent.actor_mean(next_obs)
+                    log_std = agent.actor_logstd.expand_as(mean)
+                    action = mean + log_std.exp() * torch.randn_like(mean)
+                    obs_buf[step] = next_obs
+                    actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
+                    logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
+                    values_buf[step] = agent.value(next_obs)
 
-        # -- Advantages Â_t and value targets R_t --------------------------------------------------------
-        with torch.inference_mode():
-            dones_t = torch.as_tensor(dones_np, device=device)
-            # V(s_{t+1}): the next stored state, or the final obs where an episode ended (0 if it terminated)
-            next_values = torch.cat([values_buf[1:], agent.value(next_obs)[None]])
-            next_values = torch.where(dones_t.bool(), final_values_buf, next_values)
-            advantages, returns = compute_gae(
-                torch.as_tensor(rewards_np, device=device), values_buf, next_values,
-                torch.as_tensor(terminations_np, device=device), dones_t, args.gamma, args.gae_lambda,
-            )  # fmt: skip
-        final_values_buf.zero_()
+                env_action = np.clip(action.cpu().numpy(), action_low, action_high)  # only the env sees the clip
+                raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
+                dones = terminations | truncations
+                obs_rms.update(raw_obs)
+                rewards_np[step] = reward_scaler(rewards, dones)
+                terminations_np[step], dones_np[step] = terminations, dones
+                next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
 
-        # -- Update: several epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S --------------------------
-        update_start = time.time()
-        b_obs = obs_buf.reshape(-1, obs_dim)
-        b_actions = actions_buf.reshape(-1, action_dim)
-        b_logprobs, b_values = logprobs_buf.reshape(-1), values_buf.reshape(-1)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-        epoch_stats = []
-        for epoch in range(args.update_epochs):
-            permutation = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start : start + minibatch_size]
-                mean = agent.actor_mean(b_obs[mb])
-                log_std = agent.actor_logstd.expand_as(mean)
-                mb_advantages = b_advantages[mb]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                loss, stats = ppo_loss(
-                    gaussian_log_prob(b_actions[mb], mean, log_std), b_logprobs[mb], mb_advantages,
-                    agent.value(b_obs[mb]), b_values[mb], b_returns[mb], gaussian_entropy(agent.actor_logstd),
-                    args.clip_coef, args.vf_coef, args.ent_coef, args.clip_vloss,
+                # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
+                if truncations.any():
+                    final_obs = policy_input(np.stack(infos["final_obs"][truncations]), obs_rms, args.clip_obs, device)
+                    with torch.inference_mode():
+                        final_values_buf[step, torch.as_tensor(truncations, device=device)] = agent.value(final_obs)
+                if "episode" in infos:
+                    finished = infos["_episode"]
+                    for ep_return, ep_length in zip(infos["episode"]["r"][finished], infos["episode"]["l"][finished]):
+                        writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                        writer.add_scalar("charts/episodic_length", ep_length, global_step)
+
+            # -- Advantages Â_t and value targets R_t ----------------------------------------------------
+            with torch.inference_mode():
+                dones_t = torch.as_tensor(dones_np, device=device)
+                # V(s_{t+1}): the next stored state, or the final obs where an episode ended (0 if it terminated)
+                next_values = torch.cat([values_buf[1:], agent.value(next_obs)[None]])
+                next_values = torch.where(dones_t.bool(), final_values_buf, next_values)
+                advantages, returns = compute_gae(
+                    torch.as_tensor(rewards_np, device=device), values_buf, next_values,
+                    torch.as_tensor(terminations_np, device=device), dones_t, args.gamma, args.gae_lambda,
                 )  # fmt: skip
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-                epoch_stats.append(torch.stack(list(stats.values())))
-            if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
+            final_values_buf.zero_()
+
+            # -- Update: several epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S ----------------------
+            update_start = time.time()
+            b_obs = obs_buf.reshape(-1, obs_dim)
+            b_actions = actions_buf.reshape(-1, action_dim)
+            b_logprobs, b_values = logprobs_buf.reshape(-1), values_buf.reshape(-1)
+            b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+            epoch_stats = []
+            for epoch in range(args.update_epochs):
+                permutation = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, minibatch_size):
+                    mb = permutation[start : start + minibatch_size]
+                    mean = agent.actor_mean(b_obs[mb])
+                    log_std = agent.actor_logstd.expand_as(mean)
+                    mb_advantages = b_advantages[mb]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    loss, stats = ppo_loss(
+                        gaussian_log_prob(b_actions[mb], mean, log_std), b_logprobs[mb], mb_advantages,
+                        agent.value(b_obs[mb]), b_values[mb], b_returns[mb], gaussian_entropy(agent.actor_logstd),
+                        args.clip_coef, args.vf_coef, args.ent_coef, args.clip_vloss,
+                    )  # fmt: skip
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    epoch_stats.append(torch.stack(list(stats.values())))
+                if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
+                    break
+
+            # -- Guard, log, checkpoint --------------------------------------------------------------------
+            mean_stats = torch.stack(epoch_stats).mean(0).tolist()
+            if not (np.isfinite(mean_stats).all() and all(p.isfinite().all() for p in agent.parameters())):
+                kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written"
+                raise SystemExit(f"error: loss or parameters became non-finite at iteration {iteration} (step {global_step}); {kept}")
+            now = time.time()
+            for name, value in zip(stats.keys(), mean_stats):
+                writer.add_scalar(f"losses/{name}", value, global_step)
+            var_returns = b_returns.var().item()
+            explained_variance = float("nan") if var_returns == 0 else 1 - (b_returns - b_values).var().item() / var_returns
+            writer.add_scalar("losses/explained_variance", explained_variance, global_step)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("charts/epochs_run", epoch + 1, global_step)
+            sps = int((global_step - start_step) / (now - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/rollout_seconds", update_start - rollout_start, global_step)
+            writer.add_scalar("charts/update_seconds", now - update_start, global_step)
+            if now - last_print > 10 or iteration == num_iterations:
+                last_print = now
+                recent = envs.return_queue
+                recent_text = f"{np.mean(recent):.1f} over last {len(recent)} episodes" if recent else "no episode finished yet"
+                print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps:,} SPS | return {recent_text}", flush=True)
+            if args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                save(iteration)
+            if stop_requested:  # Ctrl-C is honoured between iterations, so the checkpoint is a consistent state
                 break
 
-        # -- Logging ---------------------------------------------------------------------------------------
-        now = time.time()
-        mean_stats = torch.stack(epoch_stats).mean(0).tolist()
-        for name, value in zip(stats.keys(), mean_stats):
-            writer.add_scalar(f"losses/{name}", value, global_step)
-        var_returns = b_returns.var().item()
-        explained_variance = float("nan") if var_returns == 0 else 1 - (b_returns - b_values).var().item() / var_returns
-        writer.add_scalar("losses/explained_variance", explained_variance, global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/epochs_run", epoch + 1, global_step)
-        sps = int(global_step / (now - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/rollout_seconds", update_start - rollout_start, global_step)
-        writer.add_scalar("charts/update_seconds", now - update_start, global_step)
-        if now - last_print > 10 or iteration == num_iterations:
-            last_print = now
-            recent = envs.return_queue
-            recent_text = f"{np.mean(recent):.1f} over last {len(recent)} episodes" if recent else "no episode finished yet"
-            print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps:,} SPS | return {recent_text}", flush=True)
+        if stop_requested:
+            save(iteration)
+            print(f"interrupted: checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
+            raise SystemExit(130)
+        if args.save_model:
+            save(iteration)
+            print(f"checkpoint saved to {checkpoint_path}")
+        eval_returns = []
+        if args.eval_episodes:
+            video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
+            eval_returns = evaluate(agent, obs_rms, args.env_id, args.eval_episodes, args.seed, args.clip_obs, args.eval_stochastic, video_dir)
+            writer.add_scalar("eval/mean_return", np.mean(eval_returns), global_step)
+            writer.add_scalar("eval/std_return", np.std(eval_returns), global_step)
+            print(f"evaluation: return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {len(eval_returns)} episodes")
+    finally:
+        signal.signal(signal.SIGINT, default_sigint)
+        envs.close()
+        writer.close()
+    return run_dir, eval_returns
 
-    envs.close()
-    writer.close()
-    return run_dir
+
+def evaluate_checkpoint(args: Args) -> list[float]:
+    """--eval-checkpoint: the saved policy and frozen normalization on a fresh env of the checkpoint's id
+    (or of --env-id, when given)."""
+    checkpoint = load_checkpoint(args.eval_checkpoint)
+    env_id = cli_overrides(args).get("env_id", checkpoint["args"]["env_id"])
+    check_shapes(checkpoint, env_id)
+    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"])
+    agent.load_state_dict(checkpoint["agent"])
+    obs_rms = RunningMeanStd((checkpoint["obs_dim"],))
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        check_rendering(env_id)
+    video_dir = os.path.join(checkpoint["run_dir"], "videos") if args.capture_video else None
+    returns = evaluate(agent, obs_rms, env_id, args.eval_episodes, args.seed, checkpoint["args"]["clip_obs"], args.eval_stochastic, video_dir)
+    mode = "sampled" if args.eval_stochastic else "mean"
+    print(f"{env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes ({mode} actions)")
+    return returns
+
+
+def main() -> None:
+    args = tyro.cli(Args)
+    if args.eval_checkpoint:
+        if args.eval_episodes < 1:
+            raise SystemExit("error: --eval-episodes must be at least 1 with --eval-checkpoint")
+        evaluate_checkpoint(args)
+    elif args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        train(resume_args(args, checkpoint), checkpoint)
+    else:
+        train(args)
+    print("TensorBoard: tensorboard --logdir runs")
 
 
 if __name__ == "__main__":
-    run_dir = train(tyro.cli(Args))
-    print(f"TensorBoard logs in {run_dir}: tensorboard --logdir runs")
+    main()

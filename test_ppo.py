@@ -5,25 +5,37 @@ Run with:  pytest test_ppo.py
 
 import glob
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import ppo_continuous
 from ppo_continuous import (
+    Agent,
     Args,
     RewardScaler,
     RunningMeanStd,
     compute_gae,
+    evaluate_checkpoint,
     gaussian_entropy,
     gaussian_log_prob,
+    load_checkpoint,
     normalize_obs,
     ppo_loss,
+    resume_args,
+    save_checkpoint,
     train,
+    training_state,
 )
 
 SCRIPT = str(Path(__file__).with_name("ppo_continuous.py"))
@@ -243,7 +255,7 @@ def scalars(run_dir: str, tag: str) -> list[float]:
 @pytest.mark.parametrize("env_id, total_timesteps", [("Pendulum-v1", 1024), ("HalfCheetah-v4", 2048)])
 def test_smoke_training_writes_tensorboard_logs(tmp_path, monkeypatch, env_id, total_timesteps):
     monkeypatch.chdir(tmp_path)
-    run_dir = train(Args(env_id=env_id, total_timesteps=total_timesteps, **SMALL))
+    run_dir, _ = train(Args(env_id=env_id, total_timesteps=total_timesteps, **SMALL))
     assert glob.glob(f"{run_dir}/events.out.tfevents.*")
     # Pendulum (200 steps) and HalfCheetah (1000 steps) episodes end by time limit within these runs
     returns = scalars(run_dir, "charts/episodic_return")
@@ -253,8 +265,9 @@ def test_smoke_training_writes_tensorboard_logs(tmp_path, monkeypatch, env_id, t
 
 def test_same_seed_gives_same_learning_curve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    first = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="a", **SMALL))
-    second = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="b", **SMALL))
+    first, first_eval = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="a", eval_episodes=1, **SMALL))
+    second, second_eval = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="b", eval_episodes=1, **SMALL))
+    assert first_eval == second_eval
     for tag in ("charts/episodic_return", "losses/value_loss", "losses/approx_kl"):
         assert scalars(first, tag) == scalars(second, tag)
 
@@ -279,3 +292,193 @@ def test_bad_input_exits_with_one_line_message(cli_args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- Checkpoints, evaluation, resume, interruption ----------------------------------------------------
+@pytest.fixture(scope="module")
+def pendulum_run(tmp_path_factory):
+    """A finished 2-iteration Pendulum run: (run directory, returns of its final evaluation)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("pendulum"))
+    try:
+        run_dir, eval_returns = train(Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=2, **SMALL))
+        return os.path.abspath(run_dir), eval_returns
+    finally:
+        os.chdir(cwd)
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    agent = Agent(obs_dim=3, action_dim=2)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    agent.value(torch.ones(4, 3)).sum().backward()
+    optimizer.step()  # gives Adam moment estimates to restore
+    obs_rms, scaler = RunningMeanStd((3,)), RewardScaler(2, 0.99, 10.0)
+    obs_rms.update(np.arange(12.0).reshape(4, 3))
+    scaler(np.array([1.0, -2.0]), np.zeros(2, bool))
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3))
+    assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
+
+    loaded = load_checkpoint(path)
+    fresh_agent = Agent(obs_dim=3, action_dim=2)
+    fresh_agent.load_state_dict(loaded["agent"])
+    fresh_optimizer = torch.optim.Adam(fresh_agent.parameters(), lr=1e-3)
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+    for p, q in zip(agent.parameters(), fresh_agent.parameters()):
+        assert torch.equal(p, q)
+    for state, fresh_state in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert all(torch.equal(state[k], fresh_state[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    fresh_rms, fresh_return_rms = RunningMeanStd((3,)), RunningMeanStd()
+    fresh_rms.load_state_dict(loaded["obs_rms"])
+    fresh_return_rms.load_state_dict(loaded["return_rms"])
+    np.testing.assert_array_equal(fresh_rms.mean, obs_rms.mean)
+    np.testing.assert_array_equal(fresh_rms.var, obs_rms.var)
+    assert fresh_rms.count == obs_rms.count
+    assert fresh_return_rms.var == scaler.return_rms.var
+    assert (loaded["global_step"], loaded["iteration"], loaded["args"]["env_id"]) == (64, 3, "HalfCheetah-v4")
+
+
+def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
+    run_dir, eval_returns = pendulum_run
+    # the checkpoint (weights + frozen normalization) gives exactly the returns the trained agent got
+    returns = evaluate_checkpoint(Args(eval_checkpoint=f"{run_dir}/checkpoint.pt", eval_episodes=2))
+    assert returns == eval_returns
+    # and the end-of-training evaluation is logged
+    assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
+
+
+def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
+    """4 iterations straight vs 2 + resumed 2. The parameters cannot match: the environments' inner state
+    (MuJoCo/physics state, episode step counters, the envs' RNGs) is not in the checkpoint, so the resumed
+    run starts fresh episodes and sees other data. What must match is the strongest thing that holds:
+    step counter, iteration, learning-rate schedule, Adam's step count, and how many samples the
+    normalization statistics have absorbed."""
+    monkeypatch.chdir(tmp_path)
+    saved = {}
+
+    def save_and_keep_copy(path, state):
+        save_checkpoint(path, state)
+        saved[state["iteration"]] = str(shutil.copy(path, tmp_path / f"iteration{state['iteration']}.pt"))
+
+    monkeypatch.setattr(ppo_continuous, "save_checkpoint", save_and_keep_copy)
+    args = Args(env_id="Pendulum-v1", total_timesteps=4 * 256, checkpoint_every=2, eval_episodes=0, **SMALL)
+    train(args)
+    straight, halfway = load_checkpoint(saved[4]), load_checkpoint(saved[2])
+    assert halfway["global_step"] == 512
+
+    train(resume_args(Args(resume=saved[2], eval_episodes=0), halfway), halfway)
+    resumed = load_checkpoint(f"{halfway['run_dir']}/checkpoint.pt")
+    assert (resumed["global_step"], resumed["iteration"]) == (straight["global_step"], straight["iteration"]) == (1024, 4)
+    lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
+    assert lr(resumed) == lr(straight) == pytest.approx(3e-4 * (1 - 3 / 4))  # iteration 4 of 4: 3e-4 * (1 - 3/4)
+    adam_steps = lambda c: c["optimizer"]["state"][0]["step"].item()  # noqa: E731
+    assert adam_steps(resumed) == adam_steps(straight) == 4 * 2 * 4  # iterations * epochs * minibatches
+    assert resumed["obs_rms"]["count"] == pytest.approx(straight["obs_rms"]["count"])
+    assert resumed["return_rms"]["count"] == pytest.approx(straight["return_rms"]["count"])
+    assert not torch.equal(resumed["agent"]["actor_logstd"], halfway["agent"]["actor_logstd"])  # it did train on
+
+
+def test_resume_rejects_other_env_id(pendulum_run):
+    result = run_script("--resume", f"{pendulum_run[0]}/checkpoint.pt", "--env-id", "MountainCarContinuous-v0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--env-id MountainCarContinuous-v0 differs from the checkpoint's Pendulum-v1" in result.stderr
+
+
+def test_bad_checkpoints_exit_with_one_line_message(pendulum_run, tmp_path):
+    good = Path(pendulum_run[0]) / "checkpoint.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    cases = [
+        (["--eval-checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--eval-checkpoint", str(truncated)], "is not a readable checkpoint"),
+        (["--resume", str(text)], "is not a readable checkpoint"),
+        (["--eval-checkpoint", str(foreign)], "is not a ppo_continuous/1 checkpoint"),
+        # Pendulum has 3 observations; MountainCarContinuous has 2
+        (["--eval-checkpoint", str(good), "--env-id", "MountainCarContinuous-v0"], "trained with 3 observations and 1 actions"),
+    ]
+    for cli_args, message in cases:
+        result = run_script(*cli_args)
+        assert result.returncode != 0, cli_args
+        assert message in result.stderr, (cli_args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(Path(stat).parent.name))
+    return members
+
+
+def test_sigint_saves_checkpoint_and_leaves_no_workers(tmp_path):
+    # async mode: two worker processes; Ctrl-C in a terminal signals the whole process group, so do the same
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--vector-mode", "async", "--num-envs", "2",
+         "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "100000000"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # a few iterations in
+    assert len(process_group_members(process.pid)) >= 3  # the script and its two workers
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted: checkpoint of step" in stdout
+    checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
+    assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 64 > 0
+    time.sleep(0.5)
+    assert process_group_members(process.pid) == []
+
+
+class NaNAfterFirstSteps(gym.Wrapper):
+    """Pendulum whose rewards turn to NaN after 100 steps, to trip the guard."""
+
+    def __init__(self):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.steps = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return obs, (float("nan") if self.steps > 100 else reward), terminated, truncated, info
+
+
+def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("NaNPendulum-v0", entry_point=NaNAfterFirstSteps)
+    with pytest.raises(SystemExit, match="non-finite at iteration 1 \\(step 256\\); no checkpoint was written"):
+        train(Args(env_id="NaNPendulum-v0", total_timesteps=1024, **SMALL))
+
+
+def test_capture_video_records_evaluation(tmp_path):
+    # A 20-step HalfCheetah keeps software rendering short.
+    code = (
+        "import sys, gymnasium as gym, ppo_continuous as p\n"
+        "gym.register('ShortCheetah-v0', entry_point='gymnasium.envs.mujoco.half_cheetah_v4:HalfCheetahEnv', max_episode_steps=20)\n"
+        "p.train(p.Args(env_id='ShortCheetah-v0', total_timesteps=256, num_envs=2, num_steps=128, num_minibatches=4,"
+        " update_epochs=1, eval_episodes=2, capture_video=True))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(SCRIPT).parent)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(glob.glob(f"{tmp_path}/runs/*/videos/eval-episode-*.mp4")) == 2
+
+
+def test_capture_video_without_renderer_fails_before_training():
+    pytest.importorskip("moviepy")
+    if subprocess.run([sys.executable, "-c", "import pygame"], capture_output=True).returncode == 0:
+        pytest.skip("pygame is installed, so Pendulum can render here")
+    result = run_script("--env-id", "Pendulum-v1", "--capture-video")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--capture-video cannot render Pendulum-v1" in result.stderr
