@@ -70,6 +70,10 @@ class Args:
     """weight of the value loss L^VF"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm to this"""
+    init_logstd: float = 0.0
+    """initial log σ of the Gaussian policy (0: σ = 1)"""
+    recompute_advantages: bool = False
+    """recompute Â_t and R_t with the current critic before every epoch, not only the first"""
     target_kl: float | None = None
     """stop the epochs of an update early once the approximate KL exceeds this"""
 
@@ -207,7 +211,7 @@ def layer_init(layer: nn.Linear, gain: float = np.sqrt(2), bias: float = 0.0) ->
 
 
 class Agent(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = 0.0):
         super().__init__()
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
@@ -221,7 +225,7 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, action_dim), gain=0.01),
         )  # fmt: skip
         # log σ is a free parameter, not a function of the state.
-        self.actor_logstd = nn.Parameter(torch.zeros(action_dim))
+        self.actor_logstd = nn.Parameter(torch.full((action_dim,), init_logstd))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -238,15 +242,18 @@ def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
 
 
 # ---- Advantages Â_t by GAE(γ, λ) ---------------------------------------------------------------------
-def compute_gae(rewards, values, next_values, terminations, dones, gamma: float, gae_lambda: float):
+def compute_gae(rewards, values, next_value, final_values, terminations, dones, gamma: float, gae_lambda: float):
     """Generalized advantage estimates and value targets for a (T, N) rollout.
 
-    next_values[t] is V(s_{t+1}) for the state the transition at t really reached: the final
-    observation when the episode ended at t, not the reset observation that follows.
+    values[t] = V(s_t) of the stored states, next_value = V(s_T) of the state after the rollout, and
+    final_values[t] = V(final observation) where an episode ended at t (ignored elsewhere): after an
+    end, the next stored state is the reset one, which is not where the transition led.
+        V(s_{t+1}) = final_values[t] if done_t else values[t+1]
         δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)    a time-limit cut still bootstraps
         Â_t = δ_t + γλ (1 - done_t) Â_{t+1}                      no credit flows across an episode end
     Returns (Â, Â + V), the advantages and the value targets R_t.
     """
+    next_values = torch.where(dones.bool(), final_values, torch.cat([values[1:], next_value[None]]))
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
@@ -436,7 +443,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     action_dim = envs.single_action_space.shape[0]
     action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
 
-    agent = Agent(obs_dim, action_dim).to(device)
+    agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     # fused: one kernel for the whole Adam step instead of several per tensor (~20% faster update on a CPU)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     obs_rms = RunningMeanStd((obs_dim,))
@@ -467,8 +474,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
     actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
     logprobs_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-    values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
-    final_values_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
+    final_obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)  # s_{t+1} where an episode ended
     rewards_np = np.zeros((args.num_steps, args.num_envs), np.float32)
     terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
     dones_np = np.zeros((args.num_steps, args.num_envs), np.float32)
@@ -485,7 +491,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
             rollout_start = time.time()
 
-            # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), V(s_t), r_t) ---------------
+            # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), r_t) -------------------------
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 with torch.inference_mode():
@@ -495,7 +501,6 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     obs_buf[step] = next_obs
                     actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
                     logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
-                    values_buf[step] = agent.value(next_obs)
 
                 env_action = np.clip(action.cpu().numpy(), action_low, action_high)  # only the env sees the clip
                 raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
@@ -506,36 +511,32 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                 next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
 
                 # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
-                if truncations.any():
-                    final_obs = policy_input(np.stack(infos["final_obs"][truncations]), obs_rms, args.clip_obs, device)
-                    with torch.inference_mode():
-                        final_values_buf[step, torch.as_tensor(truncations, device=device)] = agent.value(final_obs)
+                if dones.any():
+                    final_obs = policy_input(np.stack(infos["final_obs"][dones]), obs_rms, args.clip_obs, device)
+                    final_obs_buf[step, torch.as_tensor(dones, device=device)] = final_obs
                 if "episode" in infos:
                     finished = infos["_episode"]
                     for ep_return, ep_length in zip(infos["episode"]["r"][finished], infos["episode"]["l"][finished]):
                         writer.add_scalar("charts/episodic_return", ep_return, global_step)
                         writer.add_scalar("charts/episodic_length", ep_length, global_step)
 
-            # -- Advantages Â_t and value targets R_t ----------------------------------------------------
-            with torch.inference_mode():
-                dones_t = torch.as_tensor(dones_np, device=device)
-                # V(s_{t+1}): the next stored state, or the final obs where an episode ended (0 if it terminated)
-                next_values = torch.cat([values_buf[1:], agent.value(next_obs)[None]])
-                next_values = torch.where(dones_t.bool(), final_values_buf, next_values)
-                advantages, returns = compute_gae(
-                    torch.as_tensor(rewards_np, device=device), values_buf, next_values,
-                    torch.as_tensor(terminations_np, device=device), dones_t, args.gamma, args.gae_lambda,
-                )  # fmt: skip
-            final_values_buf.zero_()
-
             # -- Update: several epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S ----------------------
             update_start = time.time()
+            rewards_t, terminations_t, dones_t = (torch.as_tensor(x, device=device) for x in (rewards_np, terminations_np, dones_np))
             b_obs = obs_buf.reshape(-1, obs_dim)
             b_actions = actions_buf.reshape(-1, action_dim)
-            b_logprobs, b_values = logprobs_buf.reshape(-1), values_buf.reshape(-1)
-            b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+            b_logprobs = logprobs_buf.reshape(-1)
             epoch_stats = []
             for epoch in range(args.update_epochs):
+                if epoch == 0 or args.recompute_advantages:
+                    # -- Advantages Â_t and value targets R_t by GAE, with the critic as it is now -----------
+                    with torch.no_grad():
+                        values = agent.value(obs_buf)
+                        advantages, returns = compute_gae(
+                            rewards_t, values, agent.value(next_obs), agent.value(final_obs_buf),
+                            terminations_t, dones_t, args.gamma, args.gae_lambda,
+                        )  # fmt: skip
+                    b_values, b_advantages, b_returns = values.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
                 permutation = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, minibatch_size):
                     mb = permutation[start : start + minibatch_size]

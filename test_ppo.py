@@ -139,40 +139,41 @@ def test_gaussian_entropy_closed_form():
 
 
 # ---- Â_t by GAE -----------------------------------------------------------------------------------------
-# One env, 3 steps, γ=0.9, λ=0.8 (γλ = 0.72), r=(1, 2, 3), V(s_t)=(0.5, 1.0, 1.5), V(s_{t+1})=(1.0, 1.5, 2.0)
+# One env, 3 steps, γ=0.9, λ=0.8 (γλ = 0.72), r=(1, 2, 3), V(s_t)=(0.5, 1.0, 1.5), V(s_3)=2.0 after the rollout
 # δ_0 = 1 + 0.9*1.0 - 0.5 = 1.4     δ_1 = 2 + 0.9*1.5 - 1.0 = 2.35     δ_2 = 3 + 0.9*2.0 - 1.5 = 3.3
 GAMMA, LAMBDA = 0.9, 0.8
 REWARDS = [1.0, 2.0, 3.0]
 VALUES = [0.5, 1.0, 1.5]
-NEXT_VALUES = [1.0, 1.5, 2.0]
+NEXT_VALUE = 2.0
+NO_END = [0.0, 0.0, 0.0]
 
 
-def gae(rewards, values, next_values, terminations, dones, gae_lambda=LAMBDA):
-    col = lambda x: torch.tensor(x, dtype=torch.float64).reshape(len(x), -1)  # noqa: E731  (T,) -> (T, 1)
-    advantages, returns = compute_gae(col(rewards), col(values), col(next_values), col(terminations), col(dones),
-                                      GAMMA, gae_lambda)  # fmt: skip
+def gae(terminations=NO_END, dones=NO_END, final_values=NO_END, gae_lambda=LAMBDA):
+    col = lambda x: torch.tensor(x, dtype=torch.float64).reshape(len(x), 1)  # noqa: E731  (T,) -> (T, 1)
+    advantages, returns = compute_gae(col(REWARDS), col(VALUES), torch.tensor([NEXT_VALUE], dtype=torch.float64),
+                                      col(final_values), col(terminations), col(dones), GAMMA, gae_lambda)  # fmt: skip
     return advantages.squeeze(-1).tolist(), returns.squeeze(-1).tolist()
 
 
 def test_gae_by_hand():
     # Â_2 = 3.3;  Â_1 = 2.35 + 0.72*3.3 = 4.726;  Â_0 = 1.4 + 0.72*4.726 = 4.80272
     # R = Â + V = (5.30272, 5.726, 4.8)
-    advantages, returns = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0])
+    advantages, returns = gae()
     assert advantages == pytest.approx([4.80272, 4.726, 3.3])
     assert returns == pytest.approx([5.30272, 5.726, 4.8])
 
 
 def test_gae_termination_stops_bootstrap_and_carry():
-    # terminated at t=1: V(s_2) must be ignored (set to 99 to prove it), δ_1 = 2 - 1.0 = 1.0; Â_1 = δ_1 (no carry from t=2)
+    # terminated at t=1: V(final obs) must be ignored (99 proves it), δ_1 = 2 - 1.0 = 1.0; Â_1 = δ_1 (no carry from t=2)
     # Â_2 = 3.3;  Â_0 = 1.4 + 0.72*1.0 = 2.12
-    advantages, _ = gae(REWARDS, VALUES, [1.0, 99.0, 2.0], [0, 1, 0], [0, 1, 0])
+    advantages, _ = gae(terminations=[0, 1, 0], dones=[0, 1, 0], final_values=[0, 99.0, 0])
     assert advantages == pytest.approx([2.12, 1.0, 3.3])
 
 
 def test_gae_truncation_bootstraps_from_final_observation():
-    # time limit at t=1: bootstrap from V(final obs) = 4.0, not V of the reset state; no carry from t=2
+    # time limit at t=1: bootstrap from V(final obs) = 4.0, not from V(s_2) = 1.5 of the reset state; no carry from t=2
     # δ_1 = 2 + 0.9*4.0 - 1.0 = 4.6 = Â_1;  Â_2 = 3.3;  Â_0 = 1.4 + 0.72*4.6 = 4.712
-    advantages, _ = gae(REWARDS, VALUES, [1.0, 4.0, 2.0], [0, 0, 0], [0, 1, 0])
+    advantages, _ = gae(terminations=[0, 0, 0], dones=[0, 1, 0], final_values=[0, 4.0, 0])
     assert advantages == pytest.approx([4.712, 4.6, 3.3])
 
 
@@ -180,8 +181,8 @@ def test_gae_two_envs_are_independent():
     # env 0 is the plain example, env 1 the terminated one: each column matches its single-env answer
     pair = lambda a, b: torch.tensor([a, b], dtype=torch.float64).T  # noqa: E731  (T, 2)
     advantages, _ = compute_gae(
-        pair(REWARDS, REWARDS), pair(VALUES, VALUES), pair(NEXT_VALUES, [1.0, 99.0, 2.0]),
-        pair([0, 0, 0], [0, 1, 0]), pair([0, 0, 0], [0, 1, 0]), GAMMA, LAMBDA,
+        pair(REWARDS, REWARDS), pair(VALUES, VALUES), torch.tensor([NEXT_VALUE, NEXT_VALUE], dtype=torch.float64),
+        pair(NO_END, [0, 99.0, 0]), pair(NO_END, [0, 1, 0]), pair(NO_END, [0, 1, 0]), GAMMA, LAMBDA,
     )  # fmt: skip
     assert advantages[:, 0].tolist() == pytest.approx([4.80272, 4.726, 3.3])
     assert advantages[:, 1].tolist() == pytest.approx([2.12, 1.0, 3.3])
@@ -189,14 +190,14 @@ def test_gae_two_envs_are_independent():
 
 def test_gae_lambda_zero_is_td_error():
     # λ=0: Â_t = δ_t = (1.4, 2.35, 3.3)
-    advantages, _ = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0], gae_lambda=0.0)
+    advantages, _ = gae(gae_lambda=0.0)
     assert advantages == pytest.approx([1.4, 2.35, 3.3])
 
 
 def test_gae_lambda_one_is_discounted_return_minus_value():
     # λ=1, bootstrapping the last step with V=2.0: G_2 = 3 + 0.9*2.0 = 4.8; G_1 = 2 + 0.9*4.8 = 6.32;
     # G_0 = 1 + 0.9*6.32 = 6.688.  Â = G - V = (6.188, 5.32, 3.3)
-    advantages, returns = gae(REWARDS, VALUES, NEXT_VALUES, [0, 0, 0], [0, 0, 0], gae_lambda=1.0)
+    advantages, returns = gae(gae_lambda=1.0)
     assert advantages == pytest.approx([6.188, 5.32, 3.3])
     assert returns == pytest.approx([6.688, 6.32, 4.8])
 
@@ -261,6 +262,33 @@ def test_smoke_training_writes_tensorboard_logs(tmp_path, monkeypatch, env_id, t
     returns = scalars(run_dir, "charts/episodic_return")
     assert returns and all(np.isfinite(returns))
     assert len(scalars(run_dir, "losses/approx_kl")) == total_timesteps // (SMALL["num_envs"] * SMALL["num_steps"])
+
+
+def test_training_feeds_gae_the_time_limit_end(tmp_path, monkeypatch):
+    """Pendulum ends only by its 200-step time limit: the rollout must mark step 199 done but not
+    terminated, and hand GAE V(final observation) there, not V of the reset state stored next."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def recording_gae(rewards, values, next_value, final_values, terminations, dones, gamma, gae_lambda):
+        seen.append((values.clone(), final_values.clone(), terminations.clone(), dones.clone()))
+        return compute_gae(rewards, values, next_value, final_values, terminations, dones, gamma, gae_lambda)
+
+    monkeypatch.setattr(ppo_continuous, "compute_gae", recording_gae)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, num_envs=1, num_steps=256, num_minibatches=4,
+               update_epochs=1, eval_episodes=0, save_model=False))  # fmt: skip
+    values, final_values, terminations, dones = seen[0]
+    assert dones[:, 0].nonzero().flatten().tolist() == [199]
+    assert terminations.sum() == 0
+    assert final_values[199, 0] != values[200, 0]
+
+
+def test_recompute_advantages_runs_gae_every_epoch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(ppo_continuous, "compute_gae", lambda *a: calls.append(1) or compute_gae(*a))
+    train(Args(env_id="Pendulum-v1", total_timesteps=512, recompute_advantages=True, eval_episodes=0, **SMALL))
+    assert len(calls) == 2 * SMALL["update_epochs"]  # 2 iterations x 2 epochs
 
 
 def test_same_seed_gives_same_learning_curve(tmp_path, monkeypatch):
