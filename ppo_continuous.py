@@ -148,7 +148,6 @@ def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
 
 
 def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
-    checked_spaces(env_id)
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
     envs = vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
     # Raw (unscaled) episode returns and lengths for logging, in infos["episode"].
@@ -434,14 +433,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    # Async workers inherit an ignored SIGINT, so Ctrl-C reaches only this process, which stops cleanly.
-    stop_requested = []
-    default_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
-    signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
-    obs_dim = envs.single_observation_space.shape[0]
-    action_dim = envs.single_action_space.shape[0]
-    action_low, action_high = envs.single_action_space.low, envs.single_action_space.high
+    observation_space, action_space = checked_spaces(args.env_id) if checkpoint is None else check_shapes(checkpoint, args.env_id)
+    obs_dim, action_dim = observation_space.shape[0], action_space.shape[0]
 
     agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     # fused: one kernel for the whole Adam step instead of several per tensor (~20% faster update on a CPU)
@@ -452,7 +445,6 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     if checkpoint is None:
         run_dir = os.path.join("runs", f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     else:
-        check_shapes(checkpoint, args.env_id)
         run_dir = checkpoint["run_dir"]
         agent.load_state_dict(checkpoint["agent"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -479,13 +471,19 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
     dones_np = np.zeros((args.num_steps, args.num_envs), np.float32)
 
-    # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
-    # seeded apart from the first session's so it does not replay the same starts.
-    raw_obs, _ = envs.reset(seed=args.seed + global_step)
-    next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
-    start_step, start_time, last_print = global_step, time.time(), 0.0
-    iteration = start_iteration - 1
+    # Async workers inherit an ignored SIGINT, so Ctrl-C reaches only this process, which stops cleanly.
+    stop_requested = []
+    default_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    envs = None
     try:
+        envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
+        signal.signal(signal.SIGINT, lambda signum, frame: stop_requested.append(signum))
+        # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
+        # seeded apart from the first session's so it does not replay the same starts.
+        raw_obs, _ = envs.reset(seed=args.seed + global_step)
+        next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
+        start_step, start_time, last_print = global_step, time.time(), 0.0
+        iteration = start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
@@ -502,7 +500,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
                     logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
 
-                env_action = np.clip(action.cpu().numpy(), action_low, action_high)  # only the env sees the clip
+                env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)  # only the env sees the clip
                 raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
                 dones = terminations | truncations
                 obs_rms.update(raw_obs)
@@ -601,7 +599,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             print(f"evaluation: return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over {len(eval_returns)} episodes")
     finally:
         signal.signal(signal.SIGINT, default_sigint)
-        envs.close()
+        if envs is not None:
+            envs.close()
         writer.close()
     return run_dir, eval_returns
 

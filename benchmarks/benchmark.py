@@ -1,26 +1,36 @@
-"""Throughput of ppo_continuous.py against Stable-Baselines3 PPO and a raw environment loop.
+"""Benchmarks of ppo_continuous.py: throughput, and learning quality across envs and seeds.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/benchmark.py --short           # 50k steps each, a few minutes
-    python benchmarks/benchmark.py                   # 1M steps each
+    python benchmarks/benchmark.py throughput --short     # 50k steps per run, a few minutes
+    python benchmarks/benchmark.py throughput --steps 1000000
+    python benchmarks/benchmark.py returns --envs HalfCheetah-v4 Hopper-v4 --seeds 1 2 3
 
-Runs one after the other on this machine (never side by side, so they do not share the cores):
+throughput: runs one after the other on this machine (never side by side, so they do not share the cores):
   ours-default    python ppo_continuous.py with its defaults
   ours-reference  ppo_continuous.py forced into the usual reference configuration
   sb3-reference   SB3 PPO in that configuration (1 env, 2048-step rollouts, minibatch 64, 10 epochs,
                   64-64 tanh nets, observation + reward normalization, same γ, λ, ε, lr schedule)
   raw-env         gym.make(env) stepped with random actions: the ceiling
 and writes benchmarks/results/throughput.csv and throughput.md.
+
+returns: trains the default command for every env x seed, at most two processes at a time, evaluates
+each final checkpoint (10 deterministic episodes), and writes benchmarks/results/returns_curves.csv
+(every training episode), returns.md (final = mean raw return of the last 10 training episodes, and
+the evaluation; mean ± std over seeds) and returns.png (mean learning curve with a ±std band).
 """
 
 import argparse
 import csv
 import glob
+import re
+from concurrent.futures import ThreadPoolExecutor
 import os
 import platform
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -97,17 +107,100 @@ def run_raw_env(env_id: str, steps: int) -> dict:
             "rollout_s": wall, "update_s": 0.0}  # fmt: skip
 
 
+def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> dict:
+    """One returns-mode run: train with the script's defaults (plus `extra`), then evaluate its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp_name = f"returns-{time.time_ns()}"
+    script = os.path.join(ROOT, "ppo_continuous.py")
+    train_command = ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(steps), "--eval-episodes", "0", *extra]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, script, *train_command, "--exp-name", exp_name], cwd=RESULTS, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wall = time.perf_counter() - start
+    run_dir = glob.glob(os.path.join(RESULTS, "runs", f"{env_id}__{exp_name}__{seed}__*"))[0]
+    evaluation = subprocess.run([sys.executable, script, "--eval-checkpoint", os.path.join(run_dir, "checkpoint.pt"),
+                                 "--eval-episodes", "10"], cwd=RESULTS, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    eval_mean = float(re.search(r"return (-?[\d.]+) ±", evaluation).group(1))
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    episodes = [(event.step, event.value) for event in accumulator.Scalars("charts/episodic_return")]
+    final = float(np.mean([value for _, value in episodes[-10:]]))
+    print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {wall:.0f} s", flush=True)
+    return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "episodes": episodes,
+            "command": " ".join(["python ppo_continuous.py", *train_command])}  # fmt: skip
+
+
+def returns_mode(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [(env_id, seed) for env_id in args.envs for seed in args.seeds]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time: one per core
+        runs = list(pool.map(lambda job: train_and_evaluate(*job, args.steps, args.extra), jobs))
+
+    with open(os.path.join(RESULTS, "returns_curves.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env", "seed", "step", "episodic_return"])
+        for run in runs:
+            writer.writerows([run["env"], run["seed"], step, value] for step, value in run["episodes"])
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    with open(os.path.join(RESULTS, "returns.md"), "w") as f:
+        f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, two runs at a time on {machine}; "
+                f"`{' '.join(['python', *sys.argv])}`\n\n")  # fmt: skip
+        f.write("| env | final (last 10 episodes) | evaluation (10 episodes, mean action) | wall-clock per run |\n|---|---:|---:|---:|\n")
+        for env_id in args.envs:
+            env_runs = [run for run in runs if run["env"] == env_id]
+            final, evaluation = [run["final"] for run in env_runs], [run["eval"] for run in env_runs]
+            f.write(f"| {env_id} | {np.mean(final):,.0f} ± {np.std(final):,.0f} | {np.mean(evaluation):,.0f} ± {np.std(evaluation):,.0f} "
+                    f"| {np.mean([run['wall_s'] for run in env_runs]) / 60:.1f} min |\n")  # fmt: skip
+        f.write("\nPer run: " + "; ".join(f"{run['env']} seed {run['seed']}: {run['final']:,.0f} / {run['eval']:,.0f}" for run in runs) + "\n")
+
+    figure, axes = plt.subplots(1, len(args.envs), figsize=(5 * len(args.envs), 3.5), squeeze=False)
+    grid = np.linspace(0, args.steps, 101)[1:]
+    for axis, env_id in zip(axes[0], args.envs):
+        # each seed's mean of its last 10 episodes, interpolated onto a common step grid; then mean and std across seeds
+        curves = []
+        for run in (run for run in runs if run["env"] == env_id):
+            steps, values = np.array(run["episodes"]).T
+            last10 = np.array([values[max(0, i - 9) : i + 1].mean() for i in range(len(values))])
+            curves.append(np.interp(grid, steps, last10))
+        curves = np.array(curves)
+        mean, std = curves.mean(0), curves.std(0)
+        axis.plot(grid, mean)
+        axis.fill_between(grid, mean - std, mean + std, alpha=0.3)
+        axis.set(title=f"{env_id} ({len(curves)} seeds)", xlabel="environment steps", ylabel="episodic return")
+    figure.tight_layout()
+    figure.savefig(os.path.join(RESULTS, "returns.png"), dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env-id", default="HalfCheetah-v4")
-    parser.add_argument("--steps", type=int, default=1_000_000, help="environment steps per run")
-    parser.add_argument("--short", action="store_true", help="50k steps per run")
-    parser.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
-    parser.add_argument("--only", nargs="*", default=["ours-default", "ours-reference", "sb3-reference", "raw-env"])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    throughput = modes.add_parser("throughput", help="steps per second: ours, SB3, raw env")
+    throughput.add_argument("--env-id", default="HalfCheetah-v4")
+    throughput.add_argument("--steps", type=int, default=1_000_000, help="environment steps per run")
+    throughput.add_argument("--short", action="store_true", help="50k steps per run")
+    throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
+    throughput.add_argument("--only", nargs="*", default=["ours-default", "ours-reference", "sb3-reference", "raw-env"])
+    returns = modes.add_parser("returns", help="learning curves and final returns over envs x seeds")
+    returns.add_argument("--envs", nargs="+", default=["HalfCheetah-v4", "Hopper-v4"])
+    returns.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    returns.add_argument("--steps", type=int, default=1_000_000)
+    returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
     args = parser.parse_args()
-    steps = 50_000 if args.short else args.steps
     os.makedirs(RESULTS, exist_ok=True)
+    if args.mode == "returns":
+        returns_mode(args)
+    else:
+        throughput_mode(args)
 
+
+def throughput_mode(args) -> None:
+    steps = 50_000 if args.short else args.steps
     rows = []
     for name in args.only:
         if name == "ours-default":
