@@ -106,7 +106,7 @@ def validate(args: Args) -> None:
     for name in ("checkpoint_every", "eval_episodes"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "clip_obs", "clip_reward"):
+    for name in ("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("gamma", "gae_lambda"):
@@ -118,6 +118,8 @@ def validate(args: Args) -> None:
             f"error: samples per rollout ({args.num_envs} envs x {args.num_steps} steps = {batch_size}) "
             f"is not divisible by --num-minibatches {args.num_minibatches}"
         )
+    if args.target_kl is not None and not args.target_kl > 0:
+        raise SystemExit(f"error: --target-kl must be positive, got {args.target_kl}")
     if args.total_timesteps < batch_size:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} samples)")
 
@@ -317,7 +319,7 @@ def check_rendering(env_id: str) -> None:
         raise SystemExit(f"error: --capture-video: {env_id} returned no frame from render()")
 
 
-def evaluate(agent: "Agent", obs_rms: RunningMeanStd, env_id: str, episodes: int, seed: int, clip_obs: float,
+def evaluate(agent: Agent, obs_rms: RunningMeanStd, env_id: str, episodes: int, seed: int, clip_obs: float,
              stochastic: bool = False, video_dir: str | None = None) -> list[float]:  # fmt: skip
     """Raw returns of `episodes` episodes in a fresh env; the statistics are only read, never updated."""
     env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
