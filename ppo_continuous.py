@@ -166,7 +166,10 @@ class RunningMeanStd:
         self.count = 1e-4  # a tiny prior count keeps the first merge well defined
 
     def update(self, batch: np.ndarray) -> None:
-        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
+        # sums rather than batch.mean()/var(): the same numbers, without numpy's wrapper overhead (twice per step)
+        batch_count = batch.shape[0]
+        batch_mean = batch.sum(axis=0) / batch_count
+        batch_var = np.square(batch - batch_mean).sum(axis=0) / batch_count
         delta = batch_mean - self.mean
         total = self.count + batch_count
         self.mean = self.mean + delta * batch_count / total
@@ -255,11 +258,12 @@ def compute_gae(rewards, values, next_value, final_values, terminations, dones, 
     Returns (Â, Â + V), the advantages and the value targets R_t.
     """
     next_values = torch.where(dones.bool(), final_values, torch.cat([values[1:], next_value[None]]))
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values  # all δ_t at once
+    carry = gamma * gae_lambda * (1.0 - dones)
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
-        next_advantage = delta + gamma * gae_lambda * (1.0 - dones[t]) * next_advantage
+    for t in reversed(range(rewards.shape[0])):  # only the recursion runs step by step
+        next_advantage = deltas[t] + carry[t] * next_advantage
         advantages[t] = next_advantage
     return advantages, advantages + values
 
@@ -467,7 +471,6 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     # Rollout storage, (T, N, ...), on the training device.
     obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
     actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
-    logprobs_buf = torch.zeros((args.num_steps, args.num_envs), device=device)
     final_obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)  # s_{t+1} where an episode ended
     rewards_np = np.zeros((args.num_steps, args.num_envs), np.float32)
     terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
@@ -491,16 +494,14 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
             rollout_start = time.time()
 
-            # -- Rollout: act with π_old, store (s_t, a_t, log π_old(a_t|s_t), r_t) -------------------------
+            # -- Rollout: act with π_old, store (s_t, a_t, r_t) ---------------------------------------------
             for step in range(args.num_steps):
                 global_step += args.num_envs
                 with torch.inference_mode():
                     mean = agent.actor_mean(next_obs)
-                    log_std = agent.actor_logstd.expand_as(mean)
-                    action = mean + log_std.exp() * torch.randn_like(mean)
+                    action = mean + agent.actor_logstd.exp() * torch.randn_like(mean)  # a_t ~ N(μ(s_t), σ²)
                     obs_buf[step] = next_obs
                     actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
-                    logprobs_buf[step] = gaussian_log_prob(action, mean, log_std)
 
                 env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)  # only the env sees the clip
                 raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
@@ -525,7 +526,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             rewards_t, terminations_t, dones_t = (torch.as_tensor(x, device=device) for x in (rewards_np, terminations_np, dones_np))
             b_obs = obs_buf.reshape(-1, obs_dim)
             b_actions = actions_buf.reshape(-1, action_dim)
-            b_logprobs = logprobs_buf.reshape(-1)
+            with torch.no_grad():  # π_old is the policy that acted: score all its actions in one batch
+                b_logprobs = gaussian_log_prob(b_actions, agent.actor_mean(b_obs), agent.actor_logstd)
             epoch_stats = []
             for epoch in range(args.update_epochs):
                 if epoch == 0 or args.recompute_advantages:
