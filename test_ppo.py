@@ -398,7 +398,8 @@ def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
     resumed = load_checkpoint(f"{halfway['run_dir']}/checkpoint.pt")
     assert (resumed["global_step"], resumed["iteration"]) == (straight["global_step"], straight["iteration"]) == (1024, 4)
     lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
-    assert lr(resumed) == lr(straight) == pytest.approx(3e-4 * (1 - 3 / 4))  # iteration 4 of 4: 3e-4 * (1 - 3/4)
+    # iteration 4 of 4 anneals to lr * (1 - 3/4)
+    assert lr(resumed) == lr(straight) == pytest.approx(args.learning_rate * (1 - 3 / 4))
     adam_steps = lambda c: c["optimizer"]["state"][0]["step"].item()  # noqa: E731
     assert adam_steps(resumed) == adam_steps(straight) == 4 * 2 * 4  # iterations * epochs * minibatches
     assert resumed["obs_rms"]["count"] == pytest.approx(straight["obs_rms"]["count"])
