@@ -368,6 +368,7 @@ def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, glob
         "return_rms": reward_scaler.return_rms.state_dict(),
         "global_step": global_step,
         "iteration": iteration,
+        # torch's generator is the only one the loop draws from; each environment carries its own
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -587,6 +588,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             if stop_requested:  # Ctrl-C is honoured between iterations, so the checkpoint is a consistent state
                 break
 
+        signal.signal(signal.SIGINT, default_sigint)  # training is over: Ctrl-C from here on stops at once
         if stop_requested:
             save(iteration)
             print(f"interrupted: checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
