@@ -637,7 +637,8 @@ def main() -> None:
         if args.eval_episodes < 1:
             raise SystemExit("error: --eval-episodes must be at least 1 with --eval-checkpoint")
         evaluate_checkpoint(args)
-    elif args.resume:
+        return
+    if args.resume:
         checkpoint = load_checkpoint(args.resume)
         train(resume_args(args, checkpoint), checkpoint)
     else:
