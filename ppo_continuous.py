@@ -307,6 +307,7 @@ def ppo_loss(
 # ---- Evaluation: the mean action μ_θ(s) under frozen normalization, raw returns -----------------------
 def check_rendering(env_id: str) -> None:
     """Exit with one line, before any training, if --capture-video could not record env_id."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless MuJoCo; read when its renderer is created
     try:
         import moviepy  # noqa: F401  (gymnasium's RecordVideo writes through it)
 
@@ -430,7 +431,6 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
     if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; read when MuJoCo is first imported
         check_rendering(args.env_id)
 
     random.seed(args.seed)
@@ -622,7 +622,6 @@ def evaluate_checkpoint(args: Args) -> list[float]:
     obs_rms = RunningMeanStd((checkpoint["obs_dim"],))
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")
         check_rendering(env_id)
     video_dir = os.path.join(checkpoint["run_dir"], "videos") if args.capture_video else None
     returns = evaluate(agent, obs_rms, env_id, args.eval_episodes, args.seed, checkpoint["args"]["clip_obs"], args.eval_stochastic, video_dir)
