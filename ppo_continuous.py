@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,12 +152,13 @@ def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
 
 def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
-    envs = vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
-    # Raw (unscaled) episode returns and lengths for logging, in infos["episode"].
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=10)
+    return vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 # ---- Normalization: one set of running statistics shared by all sub-environments -------------------
+# The statistics are merged once per rollout, after it: every state of a batch is normalized alike, and a
+# step costs one subtraction and one division instead of a statistics update (the first rollout sees
+# the prior, mean 0 and variance 1, so its observations are only clipped).
 class RunningMeanStd:
     """Mean and variance of everything seen so far, merged batch by batch (Chan et al.'s parallel rule)."""
 
@@ -201,9 +203,13 @@ class RewardScaler:
         self.gamma, self.clip = gamma, clip
 
     def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        self.returns = self.returns * self.gamma + rewards
-        self.return_rms.update(self.returns)
-        self.returns[dones] = 0.0
+        """Scale a (T, N) rollout of rewards, after adding its returns G_t to the statistics."""
+        returns = np.empty_like(rewards, dtype=np.float64)
+        for t in range(len(rewards)):
+            self.returns = self.returns * self.gamma + rewards[t]
+            returns[t] = self.returns
+            self.returns[dones[t]] = 0.0
+        self.return_rms.update(returns.reshape(-1))
         return np.clip(rewards / np.sqrt(self.return_rms.var + 1e-8), -self.clip, self.clip)
 
 
@@ -445,7 +451,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
 
     agent = Agent(obs_dim, action_dim, args.init_logstd).to(device)
     # fused: one kernel for the whole Adam step instead of several per tensor (~20% faster update on a CPU)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    parameters = list(agent.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, eps=1e-5, fused=True)
     obs_rms = RunningMeanStd((obs_dim,))
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.clip_reward)
     global_step, start_iteration = 0, 1
@@ -469,13 +476,17 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     def save(iteration: int) -> None:
         save_checkpoint(checkpoint_path, training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration))
 
-    # Rollout storage, (T, N, ...), on the training device.
-    obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)
-    actions_buf = torch.zeros((args.num_steps, args.num_envs, action_dim), device=device)
-    final_obs_buf = torch.zeros((args.num_steps, args.num_envs, obs_dim), device=device)  # s_{t+1} where an episode ended
-    rewards_np = np.zeros((args.num_steps, args.num_envs), np.float32)
-    terminations_np = np.zeros((args.num_steps, args.num_envs), np.float32)
-    dones_np = np.zeros((args.num_steps, args.num_envs), np.float32)
+    # Rollout storage, (T, N, ...), in NumPy next to the envs: one copy to the training device per rollout.
+    obs_np = np.zeros((args.num_steps, args.num_envs, obs_dim), np.float32)  # normalized s_t, as the policy saw it
+    raw_obs_np = np.zeros((args.num_steps, args.num_envs, obs_dim))  # raw s_{t+1}, for the statistics
+    actions_np = np.zeros((args.num_steps, args.num_envs, action_dim), np.float32)
+    final_obs_np = np.zeros((args.num_steps, args.num_envs, obs_dim), np.float32)  # s_{t+1} where an episode ended
+    rewards_np = np.zeros((args.num_steps, args.num_envs))  # raw r_t, scaled after the rollout
+    terminations_np = np.zeros((args.num_steps, args.num_envs), bool)
+    dones_np = np.zeros((args.num_steps, args.num_envs), bool)
+    # Raw (unscaled) return and length of each env's running episode, and the last 10 finished returns.
+    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, int)
+    recent_returns = deque(maxlen=10)
 
     # Async workers inherit an ignored SIGINT, so Ctrl-C reaches only this process, which stops cleanly.
     stop_requested = []
@@ -487,7 +498,6 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
         # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
         # seeded apart from the first session's so it does not replay the same starts.
         raw_obs, _ = envs.reset(seed=args.seed + global_step)
-        next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
         start_step, start_time, last_print = global_step, time.time(), 0.0
         iteration = start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
@@ -496,35 +506,39 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             rollout_start = time.time()
 
             # -- Rollout: act with π_old, store (s_t, a_t, r_t) ---------------------------------------------
-            for step in range(args.num_steps):
-                global_step += args.num_envs
-                with torch.inference_mode():
-                    mean = agent.actor_mean(next_obs)
-                    action = mean + agent.actor_logstd.exp() * torch.randn_like(mean)  # a_t ~ N(μ(s_t), σ²)
-                    obs_buf[step] = next_obs
-                    actions_buf[step] = action  # the raw sample: its log-prob is what the ratio needs
+            with torch.inference_mode():  # no gradients while acting
+                # a_t = μ(s_t) + σ ε_t, ε_t ~ N(0, I): all of the rollout's σ ε_t drawn at once
+                exploration = agent.actor_logstd.exp() * torch.randn((args.num_steps, args.num_envs, action_dim), device=device)
+                for step in range(args.num_steps):
+                    global_step += args.num_envs
+                    obs_np[step] = normalize_obs(raw_obs, obs_rms, args.clip_obs)
+                    action = (agent.actor_mean(torch.as_tensor(obs_np[step], device=device)) + exploration[step]).cpu().numpy()
+                    actions_np[step] = action  # the raw sample: its log-prob is what the ratio needs
 
-                env_action = np.clip(action.cpu().numpy(), action_space.low, action_space.high)  # only the env sees the clip
-                raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
-                dones = terminations | truncations
-                obs_rms.update(raw_obs)
-                rewards_np[step] = reward_scaler(rewards, dones)
-                terminations_np[step], dones_np[step] = terminations, dones
-                next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)
+                    env_action = np.clip(action, action_space.low, action_space.high)  # only the env sees the clip
+                    raw_obs, rewards_np[step], terminations, truncations, infos = envs.step(env_action)
+                    raw_obs_np[step] = raw_obs
+                    terminations_np[step], done = terminations, terminations | truncations
+                    dones_np[step] = done
+                    episode_return += rewards_np[step]
+                    episode_length += 1
 
-                # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
-                if dones.any():
-                    final_obs = policy_input(np.stack(infos["final_obs"][dones]), obs_rms, args.clip_obs, device)
-                    final_obs_buf[step, torch.as_tensor(dones, device=device)] = final_obs
-                if "episode" in infos:
-                    finished = infos["_episode"]
-                    for ep_return, ep_length in zip(infos["episode"]["r"][finished], infos["episode"]["l"][finished]):
-                        writer.add_scalar("charts/episodic_return", ep_return, global_step)
-                        writer.add_scalar("charts/episodic_length", ep_length, global_step)
+                    # A time-limit cut bootstraps from V(final obs); the final obs is in infos, normalized like any other.
+                    if done.any():
+                        final_obs_np[step, done] = normalize_obs(np.stack(infos["final_obs"][done]), obs_rms, args.clip_obs)
+                        for ep_return, ep_length in zip(episode_return[done], episode_length[done]):
+                            writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                            writer.add_scalar("charts/episodic_length", ep_length, global_step)
+                            recent_returns.append(ep_return)
+                        episode_return[done], episode_length[done] = 0.0, 0
 
             # -- Update: several epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S ----------------------
             update_start = time.time()
-            rewards_t, terminations_t, dones_t = (torch.as_tensor(x, device=device) for x in (rewards_np, terminations_np, dones_np))
+            next_obs = policy_input(raw_obs, obs_rms, args.clip_obs, device)  # s_T, normalized like the rollout
+            obs_rms.update(raw_obs_np.reshape(-1, obs_dim))  # the statistics move between rollouts, never within one
+            rewards_t = torch.as_tensor(reward_scaler(rewards_np, dones_np), dtype=torch.float32, device=device)
+            obs_buf, final_obs_buf, actions_buf = (torch.as_tensor(x, device=device) for x in (obs_np, final_obs_np, actions_np))
+            terminations_t, dones_t = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (terminations_np, dones_np))
             b_obs = obs_buf.reshape(-1, obs_dim)
             b_actions = actions_buf.reshape(-1, action_dim)
             with torch.no_grad():  # π_old is the policy that acted: score all its actions in one batch
@@ -540,22 +554,26 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                             terminations_t, dones_t, args.gamma, args.gae_lambda,
                         )  # fmt: skip
                     b_values, b_advantages, b_returns = values.reshape(-1), advantages.reshape(-1), returns.reshape(-1)
+                # Shuffle the batch once per epoch; the minibatches are then consecutive slices (views, no copies).
                 permutation = torch.randperm(batch_size, device=device)
+                s_obs, s_actions, s_logprobs, s_advantages, s_values, s_returns = (
+                    x[permutation] for x in (b_obs, b_actions, b_logprobs, b_advantages, b_values, b_returns)
+                )
                 for start in range(0, batch_size, minibatch_size):
-                    mb = permutation[start : start + minibatch_size]
-                    mean = agent.actor_mean(b_obs[mb])
+                    mb = slice(start, start + minibatch_size)
+                    mean = agent.actor_mean(s_obs[mb])
                     log_std = agent.actor_logstd.expand_as(mean)
-                    mb_advantages = b_advantages[mb]
+                    mb_advantages = s_advantages[mb]
                     if args.norm_adv:
                         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
                     loss, stats = ppo_loss(
-                        gaussian_log_prob(b_actions[mb], mean, log_std), b_logprobs[mb], mb_advantages,
-                        agent.value(b_obs[mb]), b_values[mb], b_returns[mb], gaussian_entropy(agent.actor_logstd),
+                        gaussian_log_prob(s_actions[mb], mean, log_std), s_logprobs[mb], mb_advantages,
+                        agent.value(s_obs[mb]), s_values[mb], s_returns[mb], gaussian_entropy(agent.actor_logstd),
                         args.clip_coef, args.vf_coef, args.ent_coef, args.clip_vloss,
                     )  # fmt: skip
                     optimizer.zero_grad()
                     loss.backward()
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
                     epoch_stats.append(torch.stack(list(stats.values())))
                 if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
@@ -563,7 +581,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
 
             # -- Guard, log, checkpoint --------------------------------------------------------------------
             mean_stats = torch.stack(epoch_stats).mean(0).tolist()
-            if not (np.isfinite(mean_stats).all() and all(p.isfinite().all() for p in agent.parameters())):
+            if not (np.isfinite(mean_stats).all() and all(p.isfinite().all() for p in parameters)):
                 kept = f"the last good checkpoint is {checkpoint_path}" if os.path.exists(checkpoint_path) else "no checkpoint was written"
                 raise SystemExit(f"error: loss or parameters became non-finite at iteration {iteration} (step {global_step}); {kept}")
             now = time.time()
@@ -580,8 +598,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             writer.add_scalar("charts/update_seconds", now - update_start, global_step)
             if now - last_print > 10 or iteration == num_iterations:
                 last_print = now
-                recent = envs.return_queue
-                recent_text = f"{np.mean(recent):.1f} over last {len(recent)} episodes" if recent else "no episode finished yet"
+                recent_text = f"{np.mean(recent_returns):.1f} over last {len(recent_returns)} episodes" if recent_returns else "no episode finished yet"
                 print(f"step {global_step:>9,}/{args.total_timesteps:,} | {sps:,} SPS | return {recent_text}", flush=True)
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 save(iteration)

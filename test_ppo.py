@@ -224,23 +224,29 @@ def test_normalize_obs_uses_stats_and_clips():
 
 
 def test_reward_scaler_shares_one_return_statistic():
-    # 2 envs, γ=0.5. Step 1: G = (1, 2). Step 2: G = 0.5*(1, 2) + (3, 4) = (3.5, 5).
+    # 2 envs, γ=0.5, one rollout of 2 steps. Step 1: G = (1, 2). Step 2: G = 0.5*(1, 2) + (3, 4) = (3.5, 5).
     # Pooled over both envs and steps: mean (1+2+3.5+5)/4 = 2.875,
     # var ((1.875)² + (0.875)² + (0.625)² + (2.125)²)/4 = (3.515625+0.765625+0.390625+4.515625)/4 = 2.296875
-    # so the step-2 rewards become (3, 4)/sqrt(2.296875) = (1.979487, 2.639316)
+    # so every reward of the rollout is divided by sqrt(2.296875) = 1.515544: (3, 4) -> (1.979487, 2.639316)
     scaler = RewardScaler(num_envs=2, gamma=0.5, clip=10.0)
-    no_done = np.zeros(2, bool)
-    scaler(np.array([1.0, 2.0]), no_done)
-    scaled = scaler(np.array([3.0, 4.0]), no_done)
+    scaled = scaler(np.array([[1.0, 2.0], [3.0, 4.0]]), np.zeros((2, 2), bool))
     assert scaler.return_rms.var == pytest.approx(2.296875, rel=1e-4)
-    np.testing.assert_allclose(scaled, [1.979487, 2.639316], rtol=1e-4)
+    np.testing.assert_allclose(scaled, [[0.659829, 1.319658], [1.979487, 2.639316]], rtol=1e-4)
 
 
 def test_reward_scaler_restarts_return_at_episode_end():
+    # γ=0.5. Step 1: G = (1, 2), env 0's episode ends there. Step 2: G = (0 + 3, 0.5*2 + 4) = (3, 5);
+    # the statistics saw (1, 2, 3, 5), not the (1, 2, 3.5, 5) of the test above.
     scaler = RewardScaler(num_envs=2, gamma=0.5, clip=10.0)
-    scaler(np.array([1.0, 2.0]), np.array([True, False]))
-    # env 0's episode ended: its return restarts at 0, env 1 carries on at 2
-    np.testing.assert_allclose(scaler.returns, [0.0, 2.0])
+    scaler(np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[True, False], [False, False]]))
+    assert scaler.return_rms.mean == pytest.approx(11 / 4, rel=1e-4)
+    np.testing.assert_allclose(scaler.returns, [3.0, 5.0])  # carried into the next rollout
+
+
+def test_reward_scaler_clips():
+    # returns (100, 0) -> mean 50, var 2500, std 50: reward 100 scales to 2, clipped to 1.5
+    scaler = RewardScaler(num_envs=2, gamma=0.99, clip=1.5)
+    np.testing.assert_allclose(scaler(np.array([[100.0, 0.0]]), np.zeros((1, 2), bool)), [[1.5, 0.0]], rtol=1e-4)
 
 
 # ---- Whole runs ------------------------------------------------------------------------------------
@@ -342,7 +348,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     optimizer.step()  # gives Adam moment estimates to restore
     obs_rms, scaler = RunningMeanStd((3,)), RewardScaler(2, 0.99, 10.0)
     obs_rms.update(np.arange(12.0).reshape(4, 3))
-    scaler(np.array([1.0, -2.0]), np.zeros(2, bool))
+    scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
     path = str(tmp_path / "checkpoint.pt")
     save_checkpoint(path, training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3))
     assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
