@@ -152,7 +152,8 @@ def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
 
 def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
-    return vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+    # copy=False: step() returns the envs' own observation buffer, which the rollout copies into its storage at once
+    return vector_class([lambda: gym.make(env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
 
 
 # ---- Normalization: one set of running statistics shared by all sub-environments -------------------
@@ -232,7 +233,7 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, action_dim), gain=0.01),
         )  # fmt: skip
         # log σ is a free parameter, not a function of the state.
-        self.actor_logstd = nn.Parameter(torch.full((action_dim,), init_logstd))
+        self.actor_logstd = nn.Parameter(torch.full((action_dim,), float(init_logstd)))
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -505,11 +506,11 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             # -- Rollout: act with π_old, store (s_t, a_t, r_t) ---------------------------------------------
             with torch.inference_mode():  # no gradients while acting
                 # a_t = μ(s_t) + σ ε_t, ε_t ~ N(0, I): all of the rollout's σ ε_t drawn at once
-                exploration = agent.actor_logstd.exp() * torch.randn((args.num_steps, args.num_envs, action_dim), device=device)
+                exploration = (agent.actor_logstd.exp() * torch.randn((args.num_steps, args.num_envs, action_dim), device=device)).cpu().numpy()
                 for step in range(args.num_steps):
                     global_step += args.num_envs
                     obs_np[step] = normalize_obs(raw_obs, obs_rms, args.clip_obs)
-                    action = (agent.actor_mean(torch.as_tensor(obs_np[step], device=device)) + exploration[step]).cpu().numpy()
+                    action = agent.actor_mean(torch.as_tensor(obs_np[step], device=device)).cpu().numpy() + exploration[step]
                     actions_np[step] = action  # the raw sample: its log-prob is what the ratio needs
 
                     env_action = np.clip(action, action_space.low, action_space.high)  # only the env sees the clip
