@@ -506,7 +506,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             # -- Rollout: act with π_old, store (s_t, a_t, r_t) ---------------------------------------------
             with torch.inference_mode():  # no gradients while acting
                 # a_t = μ(s_t) + σ ε_t, ε_t ~ N(0, I): all of the rollout's σ ε_t drawn at once
-                exploration = (agent.actor_logstd.exp() * torch.randn((args.num_steps, args.num_envs, action_dim), device=device)).cpu().numpy()
+                noise = torch.randn((args.num_steps, args.num_envs, action_dim), device=device)
+                exploration = (agent.actor_logstd.exp() * noise).cpu().numpy()
                 for step in range(args.num_steps):
                     global_step += args.num_envs
                     obs_np[step] = normalize_obs(raw_obs, obs_rms, args.clip_obs)
@@ -516,8 +517,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     env_action = np.clip(action, action_space.low, action_space.high)  # only the env sees the clip
                     raw_obs, rewards_np[step], terminations, truncations, infos = envs.step(env_action)
                     raw_obs_np[step] = raw_obs
-                    terminations_np[step], done = terminations, terminations | truncations
-                    dones_np[step] = done
+                    done = terminations | truncations
+                    terminations_np[step], dones_np[step] = terminations, done
                     episode_return += rewards_np[step]
                     episode_length += 1
 
