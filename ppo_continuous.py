@@ -57,11 +57,11 @@ class Args:
     """GAE λ: 0 gives the one-step TD error, 1 the Monte-Carlo return minus V"""
     num_minibatches: int = 4
     """minibatches each rollout is split into (4 of 512 samples: few, large Adam steps are fast on a CPU)"""
-    update_epochs: int = 10
+    update_epochs: int = 15
     """passes over each rollout"""
     norm_adv: bool = False
     """normalize advantages within each minibatch"""
-    clip_coef: float = 0.2
+    clip_coef: float = 0.1
     """clip range ε of the probability ratio r_t(θ)"""
     clip_vloss: bool = False
     """also clip the value prediction to ±ε around the old value"""
