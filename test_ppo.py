@@ -289,6 +289,32 @@ def test_training_feeds_gae_the_time_limit_end(tmp_path, monkeypatch):
     assert final_values[199, 0] != values[200, 0]
 
 
+def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path, monkeypatch):
+    """Pendulum's torque bound is ±2; with σ = e ≈ 2.7 many samples fall outside it. The env must receive
+    clip(a_t), while the batch scored for log π_old holds the unclipped a_t, in step order."""
+    monkeypatch.chdir(tmp_path)
+    sent, scored = [], []
+    make_envs = ppo_continuous.make_vector_env
+
+    def recording_envs(*args):
+        envs = make_envs(*args)
+        step = envs.step
+        envs.step = lambda actions: (sent.append(actions.copy()), step(actions))[1]
+        return envs
+
+    def recording_log_prob(actions, mean, log_std):
+        scored.append(actions.clone())
+        return gaussian_log_prob(actions, mean, log_std)
+
+    monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
+    monkeypatch.setattr(ppo_continuous, "gaussian_log_prob", recording_log_prob)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, init_logstd=1.0, eval_episodes=0, save_model=False, **SMALL))
+    stored = scored[0].numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
+    sent = np.concatenate(sent)
+    assert (np.abs(stored) > 2).mean() > 0.2  # the case this test is about does occur
+    np.testing.assert_array_equal(sent, np.clip(stored, -2.0, 2.0))
+
+
 def test_recompute_advantages_runs_gae_every_epoch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
