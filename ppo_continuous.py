@@ -573,8 +573,10 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
                     epoch_stats.append(torch.stack(list(stats.values())))
-                if args.target_kl is not None and stats["approx_kl"].item() > args.target_kl:
-                    break
+                # Decided on the epoch's mean KL, not one minibatch's: a single noisy minibatch does not end the update.
+                if args.target_kl is not None:
+                    if torch.stack(epoch_stats[-args.num_minibatches :])[:, 3].mean().item() > args.target_kl:
+                        break
 
             # -- Guard, log, checkpoint --------------------------------------------------------------------
             mean_stats = torch.stack(epoch_stats).mean(0).tolist()

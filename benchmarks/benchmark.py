@@ -3,7 +3,7 @@
     pip install -r benchmarks/requirements.txt
     python benchmarks/benchmark.py throughput --short     # 50k steps per run, a few minutes
     python benchmarks/benchmark.py throughput --steps 1000000
-    python benchmarks/benchmark.py returns --envs HalfCheetah-v4 Hopper-v4 --seeds 1 2 3
+    python benchmarks/benchmark.py returns --seeds 1 2 3    # the five MuJoCo envs, 1M steps each
 
 throughput: runs one after the other on this machine (never side by side, so they do not share the cores):
   ours-default    python ppo_continuous.py with its defaults
@@ -126,8 +126,9 @@ def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> 
     accumulator.Reload()
     episodes = [(event.step, event.value) for event in accumulator.Scalars("charts/episodic_return")]
     final = float(np.mean([value for _, value in episodes[-10:]]))
-    print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {wall:.0f} s", flush=True)
-    return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "episodes": episodes,
+    sps = accumulator.Scalars("charts/SPS")[-1].value
+    print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {sps:,.0f} steps/s, {wall:.0f} s", flush=True)
+    return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "sps": sps, "episodes": episodes,
             "command": " ".join(["python ppo_continuous.py", *train_command])}  # fmt: skip
 
 
@@ -151,12 +152,13 @@ def returns_mode(args) -> None:
     with open(os.path.join(RESULTS, "returns.md"), "w") as f:
         f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, two runs at a time on {machine}; "
                 f"`{' '.join(['python', *sys.argv])}`\n\n")  # fmt: skip
-        f.write("| env | final (last 10 episodes) | evaluation (10 episodes, mean action) | wall-clock per run |\n|---|---:|---:|---:|\n")
+        f.write("| env | final (last 10 episodes) | evaluation (10 episodes, mean action) | steps/s | wall-clock per run |\n"
+                "|---|---:|---:|---:|---:|\n")
         for env_id in args.envs:
             env_runs = [run for run in runs if run["env"] == env_id]
             final, evaluation = [run["final"] for run in env_runs], [run["eval"] for run in env_runs]
             f.write(f"| {env_id} | {np.mean(final):,.0f} ± {np.std(final):,.0f} | {np.mean(evaluation):,.0f} ± {np.std(evaluation):,.0f} "
-                    f"| {np.mean([run['wall_s'] for run in env_runs]) / 60:.1f} min |\n")  # fmt: skip
+                    f"| {np.mean([run['sps'] for run in env_runs]):,.0f} | {np.mean([run['wall_s'] for run in env_runs]) / 60:.1f} min |\n")  # fmt: skip
         f.write("\nPer run: " + "; ".join(f"{run['env']} seed {run['seed']}: {run['final']:,.0f} / {run['eval']:,.0f}" for run in runs) + "\n")
 
     figure, axes = plt.subplots(1, len(args.envs), figsize=(5 * len(args.envs), 3.5), squeeze=False)
@@ -187,7 +189,7 @@ def main() -> None:
     throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
     throughput.add_argument("--only", nargs="*", default=["ours-default", "ours-reference", "sb3-reference", "raw-env"])
     returns = modes.add_parser("returns", help="learning curves and final returns over envs x seeds")
-    returns.add_argument("--envs", nargs="+", default=["HalfCheetah-v4", "Hopper-v4"])
+    returns.add_argument("--envs", nargs="+", default=["HalfCheetah-v4", "Hopper-v4", "Walker2d-v4", "Ant-v4", "Humanoid-v4"])
     returns.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     returns.add_argument("--steps", type=int, default=1_000_000)
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
