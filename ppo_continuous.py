@@ -617,12 +617,12 @@ def resume_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
 
 def show_repeated_warnings_once() -> None:
     """Every sub-environment repeats the same notices (a deprecated id, MuJoCo model warnings): show each once."""
-    warnings.filterwarnings("once")
+    seen, show = set(), warnings.showwarning  # by text: filter changes reset Python's own "once"
+    warnings.showwarning = lambda message, *rest: str(message) in seen or seen.add(str(message)) or show(message, *rest)
     try:
         import mujoco
     except ImportError:
         return
-    seen = set()  # MuJoCo's own handler prints every warning
     mujoco.set_mju_user_warning(lambda text: text in seen or seen.add(text) or print("WARNING:", text, file=sys.stderr))
 
 
@@ -647,9 +647,9 @@ def main() -> None:
     # What the user typed counts, even a default typed out (--env-id HalfCheetah-v4 against a Pendulum checkpoint).
     given = {token[2:].split("=")[0].replace("-", "_") for token in sys.argv[1:] if token.startswith("--")}
     given = {name.removeprefix("no_") for name in given} & set(ARG_NAMES)  # --no-cuda sets cuda
-    validate(args)
     show_repeated_warnings_once()
     if args.eval_checkpoint:
+        validate(args)  # train() validates its own arguments, a resumed run's once merged with the checkpoint's
         if args.eval_episodes < 1:
             raise SystemExit("error: --eval-episodes must be at least 1 with --eval-checkpoint")
         evaluate_checkpoint(args, given)

@@ -1,4 +1,7 @@
-"""Checks of ppo_continuous.py against numbers worked out by hand.
+"""Checks of ppo_continuous.py, in two parts:
+1. the math (r_t(θ), L^CLIP, L^VF, the Gaussian policy, Â_t by GAE, normalization) against numbers worked out by hand;
+2. whole runs: what the training loop feeds the math, and the lifecycle (validation, checkpoints, resume, signals).
+Each test of part 2 names the bug it exists to catch.
 
 Run with:  pytest test_ppo.py
 """
@@ -6,6 +9,7 @@ Run with:  pytest test_ppo.py
 import glob
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -18,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ppo_continuous
 from ppo_continuous import (
@@ -25,31 +30,39 @@ from ppo_continuous import (
     Args,
     RewardScaler,
     RunningMeanStd,
+    checked_spaces,
+    collect_rollout,
     compute_gae,
+    evaluate,
     evaluate_checkpoint,
-    gaussian_entropy,
-    gaussian_log_prob,
     load_checkpoint,
+    make_run_dir,
+    make_vector_env,
     normalize_obs,
     ppo_loss,
     resume_args,
     save_checkpoint,
     train,
     training_state,
+    validate,
 )
 
 SCRIPT = str(Path(__file__).with_name("ppo_continuous.py"))
+
+
+def f64(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---- r_t(θ) and L^CLIP -----------------------------------------------------------------------------
 def policy_only_loss(ratio: float, advantage: float, clip_coef: float = 0.2):
     """ppo_loss with the value and entropy terms switched off, for one sample; returns (loss, d loss/d log π_θ, stats)."""
     new_logprob = torch.tensor([math.log(ratio)], dtype=torch.float64, requires_grad=True)
-    zero = torch.zeros(1, dtype=torch.float64)
+    zero = f64(0.0)
     loss, stats = ppo_loss(
-        new_logprob, zero, torch.tensor([advantage], dtype=torch.float64), zero, zero, zero, zero,
-        clip_coef=clip_coef, vf_coef=0.0, ent_coef=0.0, clip_vloss=False,
-    )  # fmt: skip
+        new_logprob=new_logprob, old_logprob=zero, advantages=f64(advantage), new_value=zero, old_value=zero,
+        returns=zero, entropy=zero, clip_coef=clip_coef, vf_coef=0.0, ent_coef=0.0, clip_vloss=False,
+    )
     loss.backward()
     return loss.item(), new_logprob.grad.item(), stats
 
@@ -90,9 +103,11 @@ def test_clip_fraction_and_approx_kl():
 def test_total_loss_combines_terms():
     # r=1 (same log-probs), A=[1, 3] -> L^CLIP = mean(1, 3) = 2; V=[0, 1], R=[1, 3] -> L^VF = ½ mean(1, 4) = 1.25;
     # entropy 2.0. loss = -2 + 0.5*1.25 - 0.01*2.0 = -2 + 0.625 - 0.02 = -1.395
-    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-    loss, stats = ppo_loss(t(0.0, 0.0), t(0.0, 0.0), t(1.0, 3.0), t(0.0, 1.0), t(0.0, 1.0), t(1.0, 3.0), t(2.0),
-                           clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=False)  # fmt: skip
+    loss, stats = ppo_loss(
+        new_logprob=f64(0, 0), old_logprob=f64(0, 0), advantages=f64(1, 3),
+        new_value=f64(0, 1), old_value=f64(0, 1), returns=f64(1, 3), entropy=f64(2.0),
+        clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, clip_vloss=False,
+    )
     assert loss.item() == pytest.approx(-1.395)
     assert stats["policy_loss"].item() == pytest.approx(-2.0)
     assert stats["value_loss"].item() == pytest.approx(1.25)
@@ -114,28 +129,46 @@ def test_total_loss_combines_terms():
     ],
 )
 def test_value_loss(new_value, old_value, target, clip_vloss, expected):
-    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
-    _, stats = ppo_loss(t(0.0), t(0.0), t(0.0), t(new_value), t(old_value), t(target), t(0.0),
-                        clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=clip_vloss)  # fmt: skip
+    _, stats = ppo_loss(
+        new_logprob=f64(0.0), old_logprob=f64(0.0), advantages=f64(0.0),
+        new_value=f64(new_value), old_value=f64(old_value), returns=f64(target), entropy=f64(0.0),
+        clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=clip_vloss,
+    )
     assert stats["value_loss"].item() == pytest.approx(expected)
 
 
 # ---- The diagonal Gaussian policy ------------------------------------------------------------------------
+def agent_with(mean_bias, log_std) -> Agent:
+    """A 3-observation agent whose μ_θ(s) is mean_bias for every s (zero last-layer weights) and whose log σ is log_std."""
+    agent = Agent(obs_dim=3, action_dim=len(log_std)).double()
+    with torch.no_grad():
+        agent.actor_mean[-1].weight.zero_()
+        agent.actor_mean[-1].bias.copy_(f64(*mean_bias))
+        agent.actor_logstd.copy_(f64(*log_std))
+    return agent
+
+
 def test_gaussian_log_prob_closed_form():
     # a=(0.5, -1), μ=(0, 0), σ=(1, 2); ½ log 2π = 0.9189385
     # dim 1: -½ (0.5/1)² - log 1 - 0.9189385 = -0.125 - 0 - 0.9189385 = -1.0439385
     # dim 2: -½ (-1/2)² - log 2 - 0.9189385 = -0.125 - 0.6931472 - 0.9189385 = -1.7370857
     # sum: -2.7810242
-    log_std = torch.tensor([0.0, math.log(2.0)], dtype=torch.float64)
-    actions = torch.tensor([[0.5, -1.0]], dtype=torch.float64)
-    mean = torch.zeros(1, 2, dtype=torch.float64)
-    assert gaussian_log_prob(actions, mean, log_std).item() == pytest.approx(-2.7810242, abs=1e-7)
+    agent = agent_with(mean_bias=(0.0, 0.0), log_std=(0.0, math.log(2.0)))
+    log_prob = agent.log_prob(torch.ones(1, 3, dtype=torch.float64), f64(0.5, -1.0)[None])
+    assert log_prob.item() == pytest.approx(-2.7810242, abs=1e-7)
 
 
 def test_gaussian_entropy_closed_form():
     # σ=(1, 2): Σ [log σ_i + ½ log(2πe)] = 0 + 0.6931472 + 2 * 1.4189385 = 3.5310242
-    log_std = torch.tensor([0.0, math.log(2.0)], dtype=torch.float64)
-    assert gaussian_entropy(log_std).item() == pytest.approx(3.5310242, abs=1e-7)
+    assert agent_with((0.0, 0.0), (0.0, math.log(2.0))).entropy().item() == pytest.approx(3.5310242, abs=1e-7)
+
+
+def test_act_is_mean_plus_sigma_times_noise():
+    # μ=(1, -1), σ=(e^0, e^ln 3)=(1, 3), ε=(0.5, -2): a = μ + σ ε = (1 + 0.5, -1 - 6) = (1.5, -7); ε=0 gives μ
+    agent = agent_with(mean_bias=(1.0, -1.0), log_std=(0.0, math.log(3.0)))
+    obs = torch.ones(1, 3, dtype=torch.float64)
+    assert agent.act(obs, f64(0.5, -2.0))[0].tolist() == pytest.approx([1.5, -7.0])
+    assert agent.act(obs, f64(0.0, 0.0))[0].tolist() == pytest.approx([1.0, -1.0])
 
 
 # ---- Â_t by GAE -----------------------------------------------------------------------------------------
@@ -149,9 +182,11 @@ NO_END = [0.0, 0.0, 0.0]
 
 
 def gae(terminations=NO_END, dones=NO_END, final_values=NO_END, gae_lambda=LAMBDA):
-    col = lambda x: torch.tensor(x, dtype=torch.float64).reshape(len(x), 1)  # noqa: E731  (T,) -> (T, 1)
-    advantages, returns = compute_gae(col(REWARDS), col(VALUES), torch.tensor([NEXT_VALUE], dtype=torch.float64),
-                                      col(final_values), col(terminations), col(dones), GAMMA, gae_lambda)  # fmt: skip
+    def column(values):  # (T,) -> (T, 1): one env
+        return f64(*values)[:, None]
+
+    advantages, returns = compute_gae(column(REWARDS), column(VALUES), f64(NEXT_VALUE), column(final_values),
+                                      column(terminations), column(dones), GAMMA, gae_lambda)
     return advantages.squeeze(-1).tolist(), returns.squeeze(-1).tolist()
 
 
@@ -179,11 +214,13 @@ def test_gae_truncation_bootstraps_from_final_observation():
 
 def test_gae_two_envs_are_independent():
     # env 0 is the plain example, env 1 the terminated one: each column matches its single-env answer
-    pair = lambda a, b: torch.tensor([a, b], dtype=torch.float64).T  # noqa: E731  (T, 2)
+    def pair(first, second):  # two (T,) columns -> (T, 2): two envs
+        return torch.stack([f64(*first), f64(*second)], dim=1)
+
     advantages, _ = compute_gae(
-        pair(REWARDS, REWARDS), pair(VALUES, VALUES), torch.tensor([NEXT_VALUE, NEXT_VALUE], dtype=torch.float64),
+        pair(REWARDS, REWARDS), pair(VALUES, VALUES), f64(NEXT_VALUE, NEXT_VALUE),
         pair(NO_END, [0, 99.0, 0]), pair(NO_END, [0, 1, 0]), pair(NO_END, [0, 1, 0]), GAMMA, LAMBDA,
-    )  # fmt: skip
+    )
     assert advantages[:, 0].tolist() == pytest.approx([4.80272, 4.726, 3.3])
     assert advantages[:, 1].tolist() == pytest.approx([2.12, 1.0, 3.3])
 
@@ -282,7 +319,7 @@ def test_training_feeds_gae_the_time_limit_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo_continuous, "compute_gae", recording_gae)
     train(Args(env_id="Pendulum-v1", total_timesteps=256, num_envs=1, num_steps=256, num_minibatches=4,
-               update_epochs=1, eval_episodes=0, save_model=False))  # fmt: skip
+               update_epochs=1, eval_episodes=0, save_model=False))
     values, final_values, terminations, dones = seen[0]
     assert dones[:, 0].nonzero().flatten().tolist() == [199]
     assert terminations.sum() == 0
@@ -302,12 +339,14 @@ def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path,
         envs.step = lambda actions: (sent.append(actions.copy()), step(actions))[1]
         return envs
 
-    def recording_log_prob(actions, mean, log_std):
+    log_prob = Agent.log_prob
+
+    def recording_log_prob(agent, obs, actions):
         scored.append(actions.clone())
-        return gaussian_log_prob(actions, mean, log_std)
+        return log_prob(agent, obs, actions)
 
     monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
-    monkeypatch.setattr(ppo_continuous, "gaussian_log_prob", recording_log_prob)
+    monkeypatch.setattr(Agent, "log_prob", recording_log_prob)
     train(Args(env_id="Pendulum-v1", total_timesteps=256, init_logstd=1.0, eval_episodes=0, save_model=False, **SMALL))
     stored = scored[0].numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
     sent = np.concatenate(sent)
@@ -339,7 +378,7 @@ def run_script(*cli_args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "cli_args, message",
     [
-        (["--env-id", "CartPole-v1"], "Discrete action space"),
+        (["--env-id", "CartPole-v1"], "CartPole-v1 actions must be a flat (1-D) Box, got Discrete(2)"),
         (["--env-id", "NoSuchEnv-v0"], "cannot make environment 'NoSuchEnv-v0'"),
         (["--num-minibatches", "7"], "not divisible by --num-minibatches 7"),
         (["--total-timesteps", "100"], "less than one rollout"),
@@ -401,7 +440,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
     run_dir, eval_returns = pendulum_run
     # the checkpoint (weights + frozen normalization) gives exactly the returns the trained agent got
-    returns = evaluate_checkpoint(Args(eval_checkpoint=f"{run_dir}/checkpoint.pt", eval_episodes=2))
+    returns = evaluate_checkpoint(Args(eval_checkpoint=f"{run_dir}/checkpoint.pt", eval_episodes=2), given=set())
     assert returns == eval_returns
     # and the end-of-training evaluation is logged
     assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
@@ -426,7 +465,7 @@ def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
     straight, halfway = load_checkpoint(saved[4]), load_checkpoint(saved[2])
     assert halfway["global_step"] == 512
 
-    train(resume_args(Args(resume=saved[2], eval_episodes=0), halfway), halfway)
+    train(resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"}), halfway)
     resumed = load_checkpoint(f"{halfway['run_dir']}/checkpoint.pt")
     assert (resumed["global_step"], resumed["iteration"]) == (straight["global_step"], straight["iteration"]) == (1024, 4)
     lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
@@ -480,22 +519,34 @@ def process_group_members(pgid: int) -> list[int]:
     return members
 
 
-def test_sigint_saves_checkpoint_and_leaves_no_workers(tmp_path):
-    # async mode: two worker processes; Ctrl-C in a terminal signals the whole process group, so do the same
+@pytest.mark.parametrize(
+    "signum, whole_group",
+    [
+        (signal.SIGINT, True),  # Ctrl-C in a terminal signals the whole process group
+        (signal.SIGTERM, True),  # Slurm's scancel and systemd signal every process of the job
+        (signal.SIGTERM, False),  # kill <pid>, Kubernetes: the main process only
+    ],
+)
+def test_stop_signal_saves_checkpoint_and_leaves_no_workers(tmp_path, signum, whole_group):
+    """Bug caught: SIGTERM ending the run at once (no checkpoint, BrokenPipe tracebacks from the async workers)."""
     process = subprocess.Popen(
         [sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--vector-mode", "async", "--num-envs", "2",
          "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "100000000"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    )
     deadline = time.time() + 60
     while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2)  # a few iterations in
     assert len(process_group_members(process.pid)) >= 3  # the script and its two workers
-    os.killpg(process.pid, signal.SIGINT)
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "interrupted: checkpoint of step" in stdout
+    assert process.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stdout and "checkpoint of step" in stdout
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
     assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 64 > 0
     time.sleep(0.5)
@@ -543,3 +594,368 @@ def test_capture_video_without_renderer_fails_before_training():
     result = run_script("--env-id", "Pendulum-v1", "--capture-video")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--capture-video cannot render Pendulum-v1" in result.stderr
+
+
+# ---- What the training loop feeds the math (each test names the bug it catches) -------------------------------
+class RecordingEnvs:
+    """Wraps a vector env's step() to keep every raw observation and infos["final_obs"] it returns."""
+
+    def __init__(self, envs):
+        self.envs, self.step_obs, self.final_obs = envs, [], []
+        step = envs.step
+
+        def recording_step(actions):
+            result = step(actions)
+            self.step_obs.append(result[0].copy())
+            self.final_obs.append({i: o.copy() for i, o in enumerate(result[4].get("final_obs", [])) if o is not None})
+            return result
+
+        envs.step = recording_step
+
+
+def test_rollout_normalizes_with_frozen_statistics_including_the_final_obs():
+    """Bugs caught: the final observation that bootstraps a time-limit end stored raw; the statistics moving
+    inside a rollout. Statistics far from Pendulum's (mean 0.5, std 2 / 0.5 / 3) make both visible."""
+    envs = make_vector_env("Pendulum-v1", 1, "sync")
+    recording = RecordingEnvs(envs)
+    obs_rms = RunningMeanStd((3,))
+    obs_rms.mean, obs_rms.var = np.array([0.5, -0.5, 1.0]), np.array([4.0, 0.25, 9.0])
+    before = (obs_rms.mean.copy(), obs_rms.var.copy(), obs_rms.count)
+    raw_obs, _ = envs.reset(seed=0)
+    first_obs = raw_obs.copy()
+    episodes = {"return": np.zeros(1), "length": np.zeros(1, int)}
+    rollout, _, ended = collect_rollout(envs, Agent(3, 1), obs_rms, raw_obs, episodes, 256, 10.0, torch.device("cpu"))
+    envs.close()
+    assert (obs_rms.mean.tolist(), obs_rms.var.tolist(), obs_rms.count) == tuple(x.tolist() if hasattr(x, "tolist") else x for x in before)
+    # every stored s_t is the raw observation the policy was given, normalized with the statistics of before
+    raw_inputs = np.concatenate([first_obs[None], np.stack(recording.step_obs[:-1])])  # s_0 .. s_255, (256, 1, 3)
+    np.testing.assert_allclose(rollout["obs"], normalize_obs(raw_inputs, obs_rms, 10.0), rtol=1e-6, atol=1e-6)
+    # Pendulum's 200-step time limit ends the episode at step 199; its final obs is stored normalized
+    assert rollout["dones"][:, 0].nonzero()[0].tolist() == [199] and [e[0] for e in ended] == [199]
+    raw_final = recording.final_obs[199][0]
+    np.testing.assert_allclose(rollout["final_obs"][199, 0], normalize_obs(raw_final, obs_rms, 10.0), rtol=1e-6)
+    assert not np.allclose(rollout["final_obs"][199, 0], raw_final, atol=0.1)  # raw and normalized differ here
+
+
+def test_statistics_absorb_every_step_after_each_rollout(tmp_path, monkeypatch):
+    """Bug caught: the observation statistics never updated. After 2 rollouts of 2 envs x 128 steps they hold
+    exactly the 512 observations the envs returned (count 512 + the 1e-4 prior)."""
+    monkeypatch.chdir(tmp_path)
+    recordings = []
+    monkeypatch.setattr(ppo_continuous, "make_vector_env",
+                        lambda *a: recordings.append(RecordingEnvs(make_vector_env(*a))) or recordings[-1].envs)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=0, **SMALL))
+    statistics = load_checkpoint(f"{run_dir}/checkpoint.pt")["obs_rms"]
+    seen = np.concatenate(recordings[0].step_obs)  # (512, 3)
+    assert statistics["count"] == pytest.approx(512 + 1e-4)
+    np.testing.assert_allclose(statistics["mean"].numpy(), seen.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(statistics["var"].numpy(), seen.var(0), rtol=1e-4)
+
+
+def test_evaluation_only_reads_the_statistics():
+    """Bug caught: evaluation updating the observation statistics."""
+    obs_rms = RunningMeanStd((3,))
+    obs_rms.mean, obs_rms.var, obs_rms.count = np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0]), 50.0
+    evaluate(Agent(3, 1), obs_rms, "Pendulum-v1", episodes=1, seed=0, clip_obs=10.0)
+    assert obs_rms.mean.tolist() == [0.1, 0.2, 0.3] and obs_rms.var.tolist() == [1.0, 2.0, 3.0] and obs_rms.count == 50
+
+
+def record_loss_inputs(monkeypatch) -> tuple[list, list]:
+    """Every ppo_loss call's keyword-free inputs, and every compute_gae result, in order."""
+    losses, estimates = [], []
+
+    def recording_loss(*inputs, **coefficients):
+        losses.append([x.detach().clone() for x in inputs])
+        return ppo_loss(*inputs, **coefficients)
+
+    def recording_gae(*inputs):
+        estimates.append(compute_gae(*inputs))
+        return estimates[-1]
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", recording_loss)
+    monkeypatch.setattr(ppo_continuous, "compute_gae", recording_gae)
+    return losses, estimates
+
+
+@pytest.mark.parametrize("norm_adv", [False, True])
+def test_advantages_reach_the_loss_normalized_only_with_norm_adv(tmp_path, monkeypatch, norm_adv):
+    """Bug caught: advantages normalized although --norm-adv is off (or not normalized when it is on)."""
+    monkeypatch.chdir(tmp_path)
+    losses, estimates = record_loss_inputs(monkeypatch)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False, norm_adv=norm_adv,
+               **{**SMALL, "update_epochs": 1}))
+    minibatch_advantages = [inputs[2] for inputs in losses]  # 4 minibatches of 64
+    if norm_adv:
+        for advantages in minibatch_advantages:  # mean 0, std 1 within each minibatch
+            assert advantages.mean().item() == pytest.approx(0.0, abs=1e-5)
+            assert advantages.std().item() == pytest.approx(1.0, abs=1e-4)
+    else:  # the GAE estimates themselves, shuffled: the same 256 numbers
+        gae_advantages = estimates[0][0].flatten().sort().values
+        torch.testing.assert_close(torch.cat(minibatch_advantages).sort().values, gae_advantages, rtol=0, atol=0)
+        assert abs(gae_advantages.std().item() - 1) > 0.1  # not unit-scaled by chance, so normalizing would show
+
+
+def test_first_minibatch_scores_pi_old_and_v_old_of_its_own_samples(tmp_path, monkeypatch):
+    """Bug caught: log π_old (or V_old) not shuffled with the rest of the batch. Before the first Adam step
+    π_θ = π_old and V_φ = V_old, so on the first minibatch r_t(θ) = 1 and V = V_old, sample by sample."""
+    monkeypatch.chdir(tmp_path)
+    losses, _ = record_loss_inputs(monkeypatch)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False, **SMALL))
+    new_logprob, old_logprob, _, new_value, old_value, _, _ = losses[0]
+    assert old_logprob.std() > 0.1 and old_value.std() > 1e-3  # a misalignment would show
+    torch.testing.assert_close(new_logprob, old_logprob, rtol=0, atol=1e-5)
+    torch.testing.assert_close(new_value, old_value, rtol=0, atol=1e-5)
+
+
+def test_gradient_norm_is_clipped_before_every_adam_step(tmp_path, monkeypatch):
+    """Bug caught: gradient-norm clipping removed. With --max-grad-norm 0.001 every step's global norm is 0.001."""
+    monkeypatch.chdir(tmp_path)
+    norms = []
+
+    def record_norm(optimizer, args, kwargs):
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients])).item())
+
+    handle = register_optimizer_step_pre_hook(record_norm)
+    try:
+        train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False, max_grad_norm=1e-3,
+                   **SMALL))
+    finally:
+        handle.remove()
+    assert len(norms) == 2 * 4  # epochs x minibatches
+    assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
+# ---- Reliability: signals, run directories, options as typed, resume, non-finite values, the disk -------------
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """Bug caught: two runs of a sweep sharing one directory (checkpoints overwritten, curves mixed)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    args = Args(env_id="Pendulum-v1")
+    first, second, third = (make_run_dir(args, None) for _ in range(3))
+    assert first == "runs/Pendulum-v1__ppo_continuous__1__1700000000"
+    assert (second, third) == (f"{first}__2", f"{first}__3") and all(os.path.isdir(d) for d in (first, second, third))
+
+
+def test_two_processes_started_together_write_two_runs(tmp_path):
+    command = [sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--total-timesteps", "256", "--num-envs", "2",
+               "--num-steps", "128", "--update-epochs", "1", "--eval-episodes", "0"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    assert len(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")) == 2
+
+
+def copy_of_run(pendulum_run, tmp_path) -> str:
+    """The fixture's run copied under tmp_path/runs/, where a resume started in tmp_path writes."""
+    run_dir = Path(pendulum_run[0])
+    shutil.copytree(run_dir, tmp_path / "runs" / run_dir.name)
+    return str(tmp_path / "runs" / run_dir.name / "checkpoint.pt")
+
+
+@pytest.mark.parametrize(
+    "cli_args, message",
+    [  # each value typed is the default's, yet differs from the Pendulum checkpoint's
+        (["--resume", "CK", "--env-id", "HalfCheetah-v4"], "--env-id HalfCheetah-v4 differs from the checkpoint's"),
+        (["--resume", "CK", "--num-envs", "8"], "--num-envs 8 differs from the checkpoint's 2"),
+        (["--eval-checkpoint", "CK", "--env-id", "HalfCheetah-v4"], "HalfCheetah-v4 has 17 and 6"),
+    ],
+)
+def test_an_option_typed_with_its_default_value_counts(pendulum_run, cli_args, message):
+    """Bug caught: options detected as 'differs from the default', so a typed default was silently ignored."""
+    result = run_script(*[f"{pendulum_run[0]}/checkpoint.pt" if arg == "CK" else arg for arg in cli_args])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_resume_with_default_total_timesteps_typed_extends_to_it(pendulum_run, tmp_path):
+    """--total-timesteps 1000000 (the default) typed on resume of a 512-step run: it trains towards 1M."""
+    checkpoint = copy_of_run(pendulum_run, tmp_path)
+    process = subprocess.Popen([sys.executable, SCRIPT, "--resume", checkpoint, "--total-timesteps", "1000000"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = process.stdout.readline()
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert "/999,936 |" in first_line and "left | return" in first_line  # whole 256-sample rollouts; ETA shown
+    assert process.returncode == 128 + signal.SIGTERM
+    assert load_checkpoint(checkpoint)["args"]["total_timesteps"] == 1_000_000
+
+
+def test_extending_a_finished_run_continues_schedule_and_keeps_its_logs(pendulum_run, tmp_path, monkeypatch):
+    """A 2-iteration run extended to 4: the learning rate follows lr·(1 - (iteration-1)/4), the schedule of a run
+    planned for 4 from the start; the TensorBoard points at the checkpoint's own step (512) stay, once."""
+    checkpoint_path = copy_of_run(pendulum_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    args = resume_args(Args(resume=checkpoint_path, total_timesteps=1024, eval_episodes=0), checkpoint,
+                       given={"resume", "total_timesteps", "eval_episodes"})
+    run_dir, _ = train(args, checkpoint)
+    extended = load_checkpoint(f"{run_dir}/checkpoint.pt")
+    assert (extended["global_step"], extended["iteration"], extended["args"]["total_timesteps"]) == (1024, 4, 1024)
+    lr = Args().learning_rate  # iterations 1-2 planned over 2, then 3-4 over 4: lr, lr/2, then lr·2/4, lr·1/4
+    assert scalars(run_dir, "charts/learning_rate") == pytest.approx([lr, lr / 2, lr / 2, lr / 4])
+    steps = [event.step for event in EventAccumulator(run_dir).Reload().Scalars("losses/approx_kl")]
+    assert steps == [256, 512, 768, 1024]
+
+
+def test_resume_keeps_the_checkpoint_runtime_settings_unless_given(pendulum_run):
+    """Bug caught: a resumed run forgetting --checkpoint-every (and so losing everything at the next kill)."""
+    checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
+    checkpoint["args"] = {**checkpoint["args"], "checkpoint_every": 1, "torch_threads": 2}
+    kept = resume_args(Args(resume="ck"), checkpoint, given={"resume"})
+    assert (kept.checkpoint_every, kept.torch_threads, kept.resume) == (1, 2, "ck")
+    given = resume_args(Args(resume="ck", checkpoint_every=3), checkpoint, given={"resume", "checkpoint_every"})
+    assert (given.checkpoint_every, given.torch_threads) == (3, 2)
+    with pytest.raises(SystemExit, match="--total-timesteps 256 is below the checkpoint's step 512"):
+        resume_args(Args(resume="ck", total_timesteps=256), checkpoint, given={"resume", "total_timesteps"})
+
+
+class InfiniteObservations(gym.Wrapper):
+    """Pendulum whose observations turn to +inf after 100 steps: the loss stays finite (normalized inputs are
+    clipped), but the observation statistics do not."""
+
+    def __init__(self):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.steps = 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return (np.full(3, np.inf) if self.steps > 100 else obs), reward, terminated, truncated, info
+
+
+def test_non_finite_statistics_never_reach_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("InfinitePendulum-v0", entry_point=InfiniteObservations)
+    with pytest.raises(SystemExit, match="statistics became non-finite at iteration 1 .*no checkpoint was written"):
+        train(Args(env_id="InfinitePendulum-v0", total_timesteps=1024, checkpoint_every=1, **SMALL))
+    assert glob.glob("runs/*/checkpoint.pt*") == []
+
+
+def test_non_finite_checkpoint_and_returns_are_refused(pendulum_run, tmp_path):
+    checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
+    checkpoint["obs_rms"]["var"] = torch.full((3,), float("nan"), dtype=torch.float64)
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match="holds non-finite values in obs_rms.var"):
+        load_checkpoint(str(tmp_path / "nan.pt"))
+    gym.register("NaNRewardPendulum-v0", entry_point=NaNAfterFirstSteps)
+    with pytest.raises(SystemExit, match="gave non-finite returns"):
+        evaluate(Agent(3, 1), RunningMeanStd((3,)), "NaNRewardPendulum-v0", episodes=1, seed=0, clip_obs=10.0)
+
+
+def test_unwritable_runs_directory_is_one_line(tmp_path):
+    (tmp_path / "runs").write_text("a file where the run directories should go")
+    result = subprocess.run([sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
+                             "--total-timesteps", "256"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: cannot create run directory runs/Pendulum-v1__ppo_continuous__1__" in result.stderr
+    assert ": Not a directory" in result.stderr
+
+
+def test_disk_full_while_writing_keeps_last_checkpoint_and_no_temporary_file(pendulum_run, tmp_path):
+    """A file-size limit below a checkpoint's ~130 kB makes the write fail midway, as a full disk does."""
+    checkpoint = copy_of_run(pendulum_run, tmp_path)
+    good = Path(checkpoint).read_bytes()
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    result = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--total-timesteps", "1024"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"error: cannot write checkpoint runs/{Path(checkpoint).parent.name}/checkpoint.pt: File too large; " \
+           "the last good checkpoint is" in result.stderr
+    assert Path(checkpoint).read_bytes() == good and not os.path.exists(checkpoint + ".tmp")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("vf_coef", -0.5), ("ent_coef", -0.01), ("learning_rate", float("nan")), ("learning_rate", float("inf")),
+     ("clip_coef", 0.0), ("max_grad_norm", float("inf")), ("gamma", float("nan")), ("gae_lambda", -0.1),
+     ("target_kl", float("nan")), ("target_kl", 0.0), ("init_logstd", float("nan")), ("clip_obs", -1.0),
+     ("clip_reward", float("inf")), ("seed", -1), ("seed", 2**32), ("torch_threads", 0), ("update_epochs", 0),
+     ("num_steps", -5), ("checkpoint_every", -1), ("eval_episodes", -1), ("total_timesteps", 0)],
+)
+def test_every_numeric_option_is_checked_against_its_domain(name, value):
+    with pytest.raises(SystemExit, match=f"^error: --{name.replace('_', '-')} must .*, got {value}$"):
+        validate(Args(**{name: value}))
+
+
+def test_domain_errors_on_the_command_line_are_one_line():
+    result = run_script("--vf-coef", "-1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --vf-coef must be finite and not negative, got -1.0"
+
+
+class RaisingEnv(gym.Env):
+    def __init__(self):
+        raise RuntimeError("the simulator licence has expired\nsecond line")
+
+
+def test_any_failure_to_make_the_environment_is_one_line():
+    """Bug caught: an id the error message itself offers (HalfCheetah-v2) ending in an ImportError traceback."""
+    result = run_script("--env-id", "HalfCheetah-v2")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: cannot make environment 'HalfCheetah-v2'" in result.stderr
+    gym.register("Raising-v0", entry_point=RaisingEnv)
+    with pytest.raises(SystemExit, match="^error: cannot make environment 'Raising-v0': RuntimeError: the simulator "
+                                         "licence has expired$"):
+        checked_spaces("Raising-v0")
+
+
+class NoRenderModePendulum(gym.Wrapper):
+    def __init__(self):  # takes no render_mode
+        super().__init__(gym.make("Pendulum-v1"))
+
+
+def test_env_without_render_mode_argument_trains_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("NoRenderMode-v0", entry_point=NoRenderModePendulum, max_episode_steps=50)
+    _, returns = train(Args(env_id="NoRenderMode-v0", total_timesteps=256, eval_episodes=2, **SMALL))
+    assert len(returns) == 2
+
+
+def test_checkpoint_missing_a_field_is_one_line(pendulum_run, tmp_path):
+    checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
+    del checkpoint["optimizer"]
+    del checkpoint["args"]["gamma"]
+    torch.save(checkpoint, tmp_path / "partial.pt")
+    with pytest.raises(SystemExit, match="partial.pt is an incomplete checkpoint: it lacks optimizer, args.gamma$"):
+        load_checkpoint(str(tmp_path / "partial.pt"))
+
+
+class ImageObservationPendulum(gym.ObservationWrapper):
+    def __init__(self, shape=(3, 1)):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape)
+
+    def observation(self, obs):
+        return obs.reshape(self.observation_space.shape)
+
+
+class MatrixActionPendulum(gym.ActionWrapper):
+    def __init__(self):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.action_space = gym.spaces.Box(-2.0, 2.0, (1, 1))
+
+    def action(self, action):
+        return action.reshape(1)
+
+
+def test_only_flat_box_spaces_are_accepted():
+    gym.register("ImagePendulum-v0", entry_point=ImageObservationPendulum)
+    gym.register("MatrixActionPendulum-v0", entry_point=MatrixActionPendulum)
+    with pytest.raises(SystemExit, match=r"ImagePendulum-v0 observations must be a flat \(1-D\) Box, got Box"):
+        checked_spaces("ImagePendulum-v0")
+    with pytest.raises(SystemExit, match=r"MatrixActionPendulum-v0 actions must be a flat \(1-D\) Box, got Box"):
+        checked_spaces("MatrixActionPendulum-v0")
+
+
+def test_first_screen_shows_each_warning_once_and_the_time_left(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--env-id", "HalfCheetah-v4", "--num-envs", "4", "--num-steps",
+                             "64", "--total-timesteps", "256", "--eval-episodes", "0"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("settotalmass") == 1  # MuJoCo says it once per sub-environment
+    assert result.stderr.count("is out of date") == 1  # gymnasium says it once per make
+    assert "0:00 left | return" in result.stdout
