@@ -56,7 +56,7 @@ def f64(*values) -> torch.Tensor:
 
 # ---- r_t(θ) and L^CLIP -----------------------------------------------------------------------------
 def policy_only_loss(ratio: float, advantage: float, clip_coef: float = 0.2):
-    """ppo_loss with the value and entropy terms switched off, for one sample; returns (loss, d loss/d log π_θ, stats)."""
+    """ppo_loss with the value and entropy terms off, for one sample; returns (loss, d loss/d log π_θ, stats)."""
     new_logprob = torch.tensor([math.log(ratio)], dtype=torch.float64, requires_grad=True)
     zero = f64(0.0)
     loss, stats = ppo_loss(
@@ -139,7 +139,7 @@ def test_value_loss(new_value, old_value, target, clip_vloss, expected):
 
 # ---- The diagonal Gaussian policy ------------------------------------------------------------------------
 def agent_with(mean_bias, log_std) -> Agent:
-    """A 3-observation agent whose μ_θ(s) is mean_bias for every s (zero last-layer weights) and whose log σ is log_std."""
+    """A 3-observation agent with μ_θ(s) = mean_bias for every s (zero last-layer weights) and log σ = log_std."""
     agent = Agent(obs_dim=3, action_dim=len(log_std)).double()
     with torch.no_grad():
         agent.actor_mean[-1].weight.zero_()
@@ -365,7 +365,8 @@ def test_recompute_advantages_runs_gae_every_epoch(tmp_path, monkeypatch):
 def test_same_seed_gives_same_learning_curve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first, first_eval = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="a", eval_episodes=1, **SMALL))
-    second, second_eval = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="b", eval_episodes=1, **SMALL))
+    second, second_eval = train(Args(env_id="Pendulum-v1", total_timesteps=1024, exp_name="b", eval_episodes=1,
+                                     **SMALL))
     assert first_eval == second_eval
     for tag in ("charts/episodic_return", "losses/value_loss", "losses/approx_kl"):
         assert scalars(first, tag) == scalars(second, tag)
@@ -415,7 +416,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     obs_rms.update(np.arange(12.0).reshape(4, 3))
     scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
     path = str(tmp_path / "checkpoint.pt")
-    save_checkpoint(path, training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3))
+    state = training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3)
+    save_checkpoint(path, state)
     assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
 
     loaded = load_checkpoint(path)
@@ -467,7 +469,8 @@ def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
 
     train(resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"}), halfway)
     resumed = load_checkpoint(f"{halfway['run_dir']}/checkpoint.pt")
-    assert (resumed["global_step"], resumed["iteration"]) == (straight["global_step"], straight["iteration"]) == (1024, 4)
+    position = lambda c: (c["global_step"], c["iteration"])  # noqa: E731
+    assert position(resumed) == position(straight) == (1024, 4)
     lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
     # iteration 4 of 4 anneals to lr * (1 - 3/4)
     assert lr(resumed) == lr(straight) == pytest.approx(args.learning_rate * (1 - 3 / 4))
@@ -498,7 +501,8 @@ def test_bad_checkpoints_exit_with_one_line_message(pendulum_run, tmp_path):
         (["--resume", str(text)], "is not a readable checkpoint"),
         (["--eval-checkpoint", str(foreign)], "is not a ppo_continuous/1 checkpoint"),
         # Pendulum has 3 observations; MountainCarContinuous has 2
-        (["--eval-checkpoint", str(good), "--env-id", "MountainCarContinuous-v0"], "trained with 3 observations and 1 actions"),
+        (["--eval-checkpoint", str(good), "--env-id", "MountainCarContinuous-v0"],
+         "trained with 3 observations and 1 actions"),
     ]
     for cli_args, message in cases:
         result = run_script(*cli_args)
@@ -577,12 +581,14 @@ def test_capture_video_records_evaluation(tmp_path):
     # A 20-step HalfCheetah keeps software rendering short.
     code = (
         "import sys, gymnasium as gym, ppo_continuous as p\n"
-        "gym.register('ShortCheetah-v0', entry_point='gymnasium.envs.mujoco.half_cheetah_v4:HalfCheetahEnv', max_episode_steps=20)\n"
+        "gym.register('ShortCheetah-v0', entry_point='gymnasium.envs.mujoco.half_cheetah_v4:HalfCheetahEnv',"
+        " max_episode_steps=20)\n"
         "p.train(p.Args(env_id='ShortCheetah-v0', total_timesteps=256, num_envs=2, num_steps=128, num_minibatches=4,"
         " update_epochs=1, eval_episodes=2, capture_video=True))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(SCRIPT).parent)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(glob.glob(f"{tmp_path}/runs/*/videos/eval-episode-*.mp4")) == 2
 
@@ -620,13 +626,13 @@ def test_rollout_normalizes_with_frozen_statistics_including_the_final_obs():
     recording = RecordingEnvs(envs)
     obs_rms = RunningMeanStd((3,))
     obs_rms.mean, obs_rms.var = np.array([0.5, -0.5, 1.0]), np.array([4.0, 0.25, 9.0])
-    before = (obs_rms.mean.copy(), obs_rms.var.copy(), obs_rms.count)
+    before = (obs_rms.mean.tolist(), obs_rms.var.tolist(), obs_rms.count)
     raw_obs, _ = envs.reset(seed=0)
     first_obs = raw_obs.copy()
     episodes = {"return": np.zeros(1), "length": np.zeros(1, int)}
     rollout, _, ended = collect_rollout(envs, Agent(3, 1), obs_rms, raw_obs, episodes, 256, 10.0, torch.device("cpu"))
     envs.close()
-    assert (obs_rms.mean.tolist(), obs_rms.var.tolist(), obs_rms.count) == tuple(x.tolist() if hasattr(x, "tolist") else x for x in before)
+    assert (obs_rms.mean.tolist(), obs_rms.var.tolist(), obs_rms.count) == before
     # every stored s_t is the raw observation the policy was given, normalized with the statistics of before
     raw_inputs = np.concatenate([first_obs[None], np.stack(recording.step_obs[:-1])])  # s_0 .. s_255, (256, 1, 3)
     np.testing.assert_allclose(rollout["obs"], normalize_obs(raw_inputs, obs_rms, 10.0), rtol=1e-6, atol=1e-6)
