@@ -75,14 +75,6 @@ class Args:  # each comment is the option's --help text
 # observation, and the true last one in infos["final_obs"]). SAME_STEP keeps every stored transition real, with the
 # final observation that a time-limit cut bootstraps from at hand. Gymnasium's NormalizeObservation refuses
 # SAME_STEP (and would not normalize infos["final_obs"]), so normalization below is ours, applied to both.
-def one_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).partition(chr(10))[0]}"
-
-
-def kept(path: str) -> str:
-    return f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
-
-
 def make_env(env_id: str, **kwargs) -> gym.Env:
     """gym.make, with any failure to build the environment reported in one line."""
     try:
@@ -104,8 +96,7 @@ def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
 def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
     # copy=False: step() returns the envs' own observation buffer, which the rollout copies into its storage at once
-    thunks = [lambda: gym.make(env_id) for _ in range(num_envs)]
-    return vector_class(thunks, autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
+    return vector_class([lambda: make_env(env_id)] * num_envs, autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
 
 
 # ---- Normalization: one set of running statistics shared by all sub-environments -------------------
@@ -115,7 +106,7 @@ class RunningMeanStd:
     """Mean and variance of everything seen so far, merged batch by batch (Chan et al.'s parallel rule)."""
 
     def __init__(self, shape=()):
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # the tiny prior count defines merge 1
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # tiny prior count: first merge defined
 
     def update(self, batch: np.ndarray) -> None:
         batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
@@ -199,15 +190,15 @@ def collect_rollout(envs, agent: Agent, obs_rms: RunningMeanStd, raw_obs: np.nda
     """Step the envs num_steps times with the current policy (the statistics are only read); return the (T, N, ...)
     rollout, the raw observation to go on from, and the episodes that ended as (step, raw return, length)."""
     action_space, (num_envs, obs_dim) = envs.single_action_space, raw_obs.shape
-    T_N = (num_steps, num_envs)
-    rollout = {"obs": np.zeros((*T_N, obs_dim), np.float32),  # normalized s_t, as the policy saw it
-               "next_raw_obs": np.zeros((*T_N, obs_dim)),  # raw s_{t+1}, for the statistics
-               "final_obs": np.zeros((*T_N, obs_dim), np.float32),  # normalized s_{t+1} where an episode ended
-               "actions": np.zeros((*T_N, *action_space.shape), np.float32), "rewards": np.zeros(T_N),  # raw r_t
-               "terminations": np.zeros(T_N, bool), "dones": np.zeros(T_N, bool)}
+    T, N = num_steps, num_envs  # the rollout's shape, as in compute_gae
+    rollout = {"obs": np.zeros((T, N, obs_dim), np.float32),  # normalized s_t, as the policy saw it
+               "next_raw_obs": np.zeros((T, N, obs_dim)),  # raw s_{t+1}, for the statistics
+               "final_obs": np.zeros((T, N, obs_dim), np.float32),  # normalized s_{t+1} where an episode ended
+               "actions": np.zeros((T, N, *action_space.shape), np.float32), "rewards": np.zeros((T, N)),  # raw r_t
+               "terminations": np.zeros((T, N), bool), "dones": np.zeros((T, N), bool)}
     finished = []
     with torch.inference_mode():  # no gradients while acting
-        noise = torch.randn((*T_N, *action_space.shape), device=device)  # all ε_t drawn at once
+        noise = torch.randn((T, N, *action_space.shape), device=device)  # all ε_t drawn at once
         for step in range(num_steps):
             rollout["obs"][step] = normalize_obs(raw_obs, obs_rms, clip_obs)
             action = agent.act(torch.as_tensor(rollout["obs"][step], device=device), noise[step]).cpu().numpy()
@@ -297,7 +288,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.torch_threads)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.cuda)
     obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id))
     agent, obs_rms = Agent(obs_dim, action_dim, args.init_logstd).to(device), RunningMeanStd((obs_dim,))
     if checkpoint is not None:
@@ -319,7 +310,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     # purge_step drops what an earlier session logged after the checkpoint's step (that step's points stay)
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
     table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", global_step)
     coefficients = {name: getattr(args, name) for name in ("clip_coef", "vf_coef", "ent_coef", "clip_vloss")}
     episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, int)}  # running, raw, per env
     recent_returns = deque(maxlen=10)
@@ -328,13 +319,13 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
         state = training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration)
         save_checkpoint(checkpoint_path, state)
 
-    # Async workers inherit ignored SIGINT/SIGTERM, so a stop request reaches only this process, which stops cleanly.
-    stop_signals, envs = [], None
-    default_handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT/SIGTERM are honoured between iterations; blocked while async workers start, so only this process sees them
+    stop_signals, envs, stop = [], None, (signal.SIGINT, signal.SIGTERM)
+    default_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signals.append(signum)) for sig in stop}
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
         envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
-        for signum in default_handlers:
-            signal.signal(signum, lambda signum, frame: stop_signals.append(signum))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
         # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
         # seeded apart from the first session's so it does not replay the same starts.
         raw_obs, _ = envs.reset(seed=args.seed + global_step)
@@ -384,16 +375,16 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     loss.backward()
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
-                    epoch_stats.append(stats)
+                    epoch_stats.append(torch.stack(list(stats.values())))
                 if args.target_kl is not None:  # decided on the epoch's mean KL, not on one noisy minibatch's
-                    epoch_kl = torch.stack([stats["approx_kl"] for stats in epoch_stats[-args.num_minibatches :]])
+                    epoch_kl = torch.stack(epoch_stats[-args.num_minibatches :])[:, list(stats).index("approx_kl")]
                     if epoch_kl.mean().item() > args.target_kl:
                         break
 
             # -- Guard, log, checkpoint --------------------------------------------------------------------
-            mean_stats = {name: torch.stack([stats[name] for stats in epoch_stats]).mean().item() for name in stats}
-            statistics = [list(mean_stats.values()), obs_rms.mean, obs_rms.var, reward_scaler.return_rms.var]
-            if not (all(np.isfinite(x).all() for x in statistics) and all(p.isfinite().all() for p in parameters)):
+            mean_stats = dict(zip(stats, torch.stack(epoch_stats).mean(0).tolist()))
+            guarded = [list(mean_stats.values()), obs_rms.mean, obs_rms.var, reward_scaler.return_rms.var]
+            if not (all(np.isfinite(x).all() for x in guarded) and all(p.isfinite().all() for p in parameters)):
                 raise SystemExit(f"error: loss, parameters or statistics became non-finite at iteration {iteration} "
                                  f"(step {global_step}); {kept(checkpoint_path)}")
             now = time.time()
@@ -413,14 +404,14 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             if stop_signals:  # honoured between iterations, so the checkpoint is a consistent state
                 break
 
-        for signum, handler in default_handlers.items():  # training is over: a signal from here on stops at once
-            signal.signal(signum, handler)
         if stop_signals or args.save_model:
             save(iteration)
             print(f"checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
         if stop_signals:  # exit as the shell reports a process the signal stopped: 128 + its number
             print(f"stopped by {signal.Signals(stop_signals[0]).name}", flush=True)
             raise SystemExit(128 + stop_signals[0])
+        for signum, handler in default_handlers.items():  # training is over: a signal from here on stops at once
+            signal.signal(signum, handler)
         eval_returns = []
         if args.eval_episodes:
             video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
@@ -431,6 +422,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             print(f"evaluation: return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} "
                   f"over {len(eval_returns)} episodes")
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
         for signum, handler in default_handlers.items():
             signal.signal(signum, handler)
         if envs is not None:
@@ -440,8 +432,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
 
 
 # ---- Around the algorithm: validation, guards, evaluation, checkpoints, resume, command line ----------------
-# The domain of every numeric option. A comparison with NaN is False, so NaN fails every rule.
-RULES = [
+RULES = [  # the domain of every numeric option (a comparison with NaN is False, so NaN fails every rule)
     (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads"),
      lambda v: v > 0, "must be positive"),
     (("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward", "target_kl"),
@@ -452,6 +443,14 @@ RULES = [
     (("seed",), lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
     (("init_logstd",), lambda v: -20 <= v <= 20, "must be in [-20, 20]"),
 ]
+
+
+def one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).partition(chr(10))[0]}"
+
+
+def kept(path: str) -> str:
+    return f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
 
 
 def validate(args: Args) -> None:
@@ -495,13 +494,12 @@ def check_rendering(env_id: str) -> None:
         import moviepy  # noqa: F401  (gymnasium's RecordVideo writes through it)
         env = gym.make(env_id, render_mode="rgb_array")
         env.reset(seed=0)
-        frame = env.render()
+        if env.render() is None:
+            raise ValueError("render() returned no frame")
         env.close()
     except Exception as error:  # each rendering backend fails in its own way
         raise SystemExit(f"error: --capture-video cannot render {env_id} ({one_line(error)}); install moviepy, and "
                          "for headless MuJoCo MUJOCO_GL=egl (apt install libegl1) or osmesa (apt install libosmesa6)")
-    if frame is None:
-        raise SystemExit(f"error: --capture-video: {env_id} returned no frame from render()")
 
 
 def evaluate(agent: Agent, obs_rms: RunningMeanStd, env_id: str, *, episodes: int, seed: int, clip_obs: float,
@@ -531,8 +529,7 @@ def evaluate(agent: Agent, obs_rms: RunningMeanStd, env_id: str, *, episodes: in
     return returns
 
 
-# Checkpoints: everything needed to evaluate or continue a run.
-CHECKPOINT_FORMAT = "ppo_continuous/1"
+CHECKPOINT_FORMAT = "ppo_continuous/1"  # a checkpoint holds everything needed to evaluate or continue a run
 ARG_NAMES = [field.name for field in dataclasses.fields(Args)]
 CHECKPOINT_FIELDS = ("format", "args", "run_dir", "obs_dim", "action_dim", "agent", "optimizer", "obs_rms",
                      "return_rms", "global_step", "iteration", "torch_rng", "cuda_rng")
@@ -579,6 +576,8 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
+    missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
+                if part in checkpoint and key not in checkpoint[part]]
     missing += [f"args.{name}" for name in ARG_NAMES if name not in checkpoint.get("args", {})]
     if missing:
         raise SystemExit(f"error: {path} is an incomplete checkpoint: it lacks {', '.join(missing)}")
@@ -595,7 +594,10 @@ def load_policy(checkpoint: dict, env_id: str, device: torch.device) -> tuple[Ag
         raise SystemExit(f"error: checkpoint was trained with {checkpoint['obs_dim']} observations and "
                          f"{checkpoint['action_dim']} actions, but {env_id} has {obs_dim} and {action_dim}")
     agent = Agent(obs_dim, action_dim).to(device)
-    agent.load_state_dict(checkpoint["agent"])
+    try:
+        agent.load_state_dict(checkpoint["agent"])
+    except RuntimeError as error:  # missing, unexpected or misshapen weights
+        raise SystemExit(f"error: the checkpoint's weights do not fit the network: {one_line(error)}")
     obs_rms = RunningMeanStd((obs_dim,))
     obs_rms.load_state_dict(checkpoint["obs_rms"])
     return agent, obs_rms
@@ -615,6 +617,10 @@ def resume_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
     return Args(**{**saved, **{name: getattr(args, name) for name in changed}, "resume": args.resume})
 
 
+def pick_device(cuda: bool) -> torch.device:
+    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+
+
 def show_repeated_warnings_once() -> None:
     """Every sub-environment repeats the same notices (a deprecated id, MuJoCo model warnings): show each once."""
     seen, show = set(), warnings.showwarning  # by text: filter changes reset Python's own "once"
@@ -624,22 +630,6 @@ def show_repeated_warnings_once() -> None:
     except ImportError:
         return
     mujoco.set_mju_user_warning(lambda text: text in seen or seen.add(text) or print("WARNING:", text, file=sys.stderr))
-
-
-def evaluate_checkpoint(args: Args, given: set[str]) -> list[float]:
-    """--eval-checkpoint: the saved policy and statistics on a fresh env of the checkpoint's id (or the given one)."""
-    checkpoint = load_checkpoint(args.eval_checkpoint)
-    env_id = args.env_id if "env_id" in given else checkpoint["args"]["env_id"]
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    agent, obs_rms = load_policy(checkpoint, env_id, device)
-    if args.capture_video:
-        check_rendering(env_id)
-    video_dir = os.path.join(checkpoint["run_dir"], "videos") if args.capture_video else None
-    returns = evaluate(agent, obs_rms, env_id, episodes=args.eval_episodes, seed=args.seed, video_dir=video_dir,
-                       clip_obs=checkpoint["args"]["clip_obs"], stochastic=args.eval_stochastic)
-    print(f"{env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes "
-          f"({'sampled' if args.eval_stochastic else 'mean'} actions)")
-    return returns
 
 
 def main() -> None:
@@ -652,7 +642,17 @@ def main() -> None:
         validate(args)  # train() validates its own arguments, a resumed run's once merged with the checkpoint's
         if args.eval_episodes < 1:
             raise SystemExit("error: --eval-episodes must be at least 1 with --eval-checkpoint")
-        evaluate_checkpoint(args, given)
+        # the saved policy and statistics on a fresh env of the checkpoint's id (or the given one)
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        env_id = args.env_id if "env_id" in given else checkpoint["args"]["env_id"]
+        agent, obs_rms = load_policy(checkpoint, env_id, pick_device(args.cuda))
+        if args.capture_video:
+            check_rendering(env_id)
+        video_dir = os.path.join(checkpoint["run_dir"], "videos") if args.capture_video else None
+        returns = evaluate(agent, obs_rms, env_id, episodes=args.eval_episodes, seed=args.seed, video_dir=video_dir,
+                           clip_obs=checkpoint["args"]["clip_obs"], stochastic=args.eval_stochastic)
+        print(f"{env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes "
+              f"({'sampled' if args.eval_stochastic else 'mean'} actions)")
     else:
         checkpoint = load_checkpoint(args.resume) if args.resume else None
         train(resume_args(args, checkpoint, given) if checkpoint else args, checkpoint)

@@ -34,8 +34,8 @@ from ppo_continuous import (
     collect_rollout,
     compute_gae,
     evaluate,
-    evaluate_checkpoint,
     load_checkpoint,
+    load_policy,
     make_run_dir,
     make_vector_env,
     normalize_obs,
@@ -442,8 +442,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
     run_dir, eval_returns = pendulum_run
     # the checkpoint (weights + frozen normalization) gives exactly the returns the trained agent got
-    returns = evaluate_checkpoint(Args(eval_checkpoint=f"{run_dir}/checkpoint.pt", eval_episodes=2), given=set())
-    assert returns == eval_returns
+    result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "2")
+    assert f"return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over 2 episodes" in result.stdout
     # and the end-of-training evaluation is logged
     assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
 
@@ -923,11 +923,15 @@ def test_env_without_render_mode_argument_trains_and_evaluates(tmp_path, monkeyp
 
 def test_checkpoint_missing_a_field_is_one_line(pendulum_run, tmp_path):
     checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
-    del checkpoint["optimizer"]
-    del checkpoint["args"]["gamma"]
+    del checkpoint["optimizer"], checkpoint["obs_rms"]["count"], checkpoint["args"]["gamma"]
     torch.save(checkpoint, tmp_path / "partial.pt")
-    with pytest.raises(SystemExit, match="partial.pt is an incomplete checkpoint: it lacks optimizer, args.gamma$"):
+    with pytest.raises(SystemExit, match="partial.pt is an incomplete checkpoint: it lacks optimizer, obs_rms.count, "
+                                         "args.gamma$"):
         load_checkpoint(str(tmp_path / "partial.pt"))
+    checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
+    checkpoint["agent"]["critic.0.weight"] = torch.zeros(64, 5)  # a tensor of the wrong shape
+    with pytest.raises(SystemExit, match="^error: the checkpoint's weights do not fit the network: RuntimeError: "):
+        load_policy(checkpoint, "Pendulum-v1", torch.device("cpu"))
 
 
 class ImageObservationPendulum(gym.ObservationWrapper):
