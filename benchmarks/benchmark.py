@@ -22,13 +22,13 @@ the evaluation; mean ± std over seeds) and returns.png (mean learning curve wit
 import argparse
 import csv
 import glob
-import re
-from concurrent.futures import ThreadPoolExecutor
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -37,20 +37,28 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 REFERENCE = ["--num-envs", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10"]
 
 
+def machine() -> str:
+    """The CPU model and core count: per-seed returns are reproducible only on the same CPU type."""
+    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    return f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def run_ours(name: str, env_id: str, steps: int, extra: list[str]) -> dict:
     """Train in a subprocess; rollout/update seconds come from the run's TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     exp_name = f"bench-{name}-{int(time.time())}"
-    command = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", env_id, "--total-timesteps", str(steps),
-               "--exp-name", exp_name, "--eval-episodes", "0", "--no-save-model", *extra]  # fmt: skip
+    command = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", env_id, "--total-timesteps",
+               str(steps), "--exp-name", exp_name, "--eval-episodes", "0", "--no-save-model", *extra]
     subprocess.run(command, cwd=RESULTS, check=True, stdout=subprocess.DEVNULL)
-    accumulator = EventAccumulator(glob.glob(os.path.join(RESULTS, "runs", f"*{exp_name}*"))[0], size_guidance={"scalars": 0})
+    run_dir = glob.glob(os.path.join(RESULTS, "runs", f"*{exp_name}*"))[0]
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     total = lambda tag: sum(event.value for event in accumulator.Scalars(tag))  # noqa: E731
     last = accumulator.Scalars("charts/SPS")[-1]  # measured over the training loop, like SB3's learn() below
-    return {"run": name, "command": " ".join(["python ppo_continuous.py", *command[2:]]), "steps": last.step, "wall_s": last.step / last.value,
-            "rollout_s": total("charts/rollout_seconds"), "update_s": total("charts/update_seconds")}  # fmt: skip
+    return {"run": name, "command": " ".join(["python ppo_continuous.py", *command[2:]]), "steps": last.step,
+            "wall_s": last.step / last.value, "rollout_s": total("charts/rollout_seconds"),
+            "update_s": total("charts/update_seconds")}
 
 
 def run_sb3(env_id: str, steps: int, threads: int) -> dict:
@@ -82,13 +90,15 @@ def run_sb3(env_id: str, steps: int, threads: int) -> dict:
         "MlpPolicy", envs, n_steps=2048, batch_size=64, n_epochs=10, learning_rate=lambda remaining: 3e-4 * remaining,
         gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5,
         policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh), device="cpu", seed=1,
-    )  # fmt: skip
+    )
     timer = PhaseTimer()
     start = time.perf_counter()
     model.learn(total_timesteps=steps, callback=timer)
     wall = time.perf_counter() - start
-    return {"run": "sb3-reference", "command": f"SB3 {__import__('stable_baselines3').__version__} PPO, torch threads {threads}",
-            "steps": model.num_timesteps, "wall_s": wall, "rollout_s": timer.rollout_s, "update_s": wall - timer.rollout_s}  # fmt: skip
+    version = __import__("stable_baselines3").__version__
+    return {"run": "sb3-reference", "command": f"SB3 {version} PPO, torch threads {threads}",
+            "steps": model.num_timesteps, "wall_s": wall, "rollout_s": timer.rollout_s,
+            "update_s": wall - timer.rollout_s}
 
 
 def run_raw_env(env_id: str, steps: int) -> dict:
@@ -104,7 +114,7 @@ def run_raw_env(env_id: str, steps: int) -> dict:
             env.reset()
     wall = time.perf_counter() - start
     return {"run": "raw-env", "command": f"gym.make('{env_id}') with random actions", "steps": steps, "wall_s": wall,
-            "rollout_s": wall, "update_s": 0.0}  # fmt: skip
+            "rollout_s": wall, "update_s": 0.0}
 
 
 def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> dict:
@@ -113,23 +123,26 @@ def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> 
 
     exp_name = f"returns-{time.time_ns()}"
     script = os.path.join(ROOT, "ppo_continuous.py")
-    train_command = ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(steps), "--eval-episodes", "0", *extra]
+    train_command = ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(steps), "--eval-episodes", "0",
+                     *extra]
     start = time.perf_counter()
     subprocess.run([sys.executable, script, *train_command, "--exp-name", exp_name], cwd=RESULTS, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     run_dir = glob.glob(os.path.join(RESULTS, "runs", f"{env_id}__{exp_name}__{seed}__*"))[0]
     evaluation = subprocess.run([sys.executable, script, "--eval-checkpoint", os.path.join(run_dir, "checkpoint.pt"),
-                                 "--eval-episodes", "10"], cwd=RESULTS, check=True, capture_output=True, text=True).stdout  # fmt: skip
+                                 "--eval-episodes", "10"], cwd=RESULTS, check=True, capture_output=True, text=True)
+    evaluation = evaluation.stdout
     eval_mean = float(re.search(r"return (-?[\d.]+) ±", evaluation).group(1))
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     episodes = [(event.step, event.value) for event in accumulator.Scalars("charts/episodic_return")]
     final = float(np.mean([value for _, value in episodes[-10:]]))
     sps = accumulator.Scalars("charts/SPS")[-1].value
-    print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {sps:,.0f} steps/s, {wall:.0f} s", flush=True)
-    return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "sps": sps, "episodes": episodes,
-            "command": " ".join(["python ppo_continuous.py", *train_command])}  # fmt: skip
+    print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {sps:,.0f} steps/s, {wall:.0f} s",
+          flush=True)
+    return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "sps": sps,
+            "episodes": episodes, "command": " ".join(["python ppo_continuous.py", *train_command])}
 
 
 def returns_mode(args) -> None:
@@ -148,23 +161,26 @@ def returns_mode(args) -> None:
         for run in runs:
             writer.writerows([run["env"], run["seed"], step, value] for step, value in run["episodes"])
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
     with open(os.path.join(RESULTS, "returns.md"), "w") as f:
-        f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, two runs at a time on {machine}; "
-                f"`{' '.join(['python', *sys.argv])}`\n\n")  # fmt: skip
-        f.write("| env | final (last 10 episodes) | evaluation (10 episodes, mean action) | steps/s | wall-clock per run |\n"
-                "|---|---:|---:|---:|---:|\n")
+        f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, two runs at a time on {machine()}; "
+                f"`{' '.join(['python', *sys.argv])}`\n\n")
+        f.write("| env | final (last 10 episodes) | per seed | evaluation (10 episodes, mean action) | steps/s "
+                "| wall-clock per run |\n|---|---:|---|---:|---:|---:|\n")
         for env_id in args.envs:
             env_runs = [run for run in runs if run["env"] == env_id]
             final, evaluation = [run["final"] for run in env_runs], [run["eval"] for run in env_runs]
-            f.write(f"| {env_id} | {np.mean(final):,.0f} ± {np.std(final):,.0f} | {np.mean(evaluation):,.0f} ± {np.std(evaluation):,.0f} "
-                    f"| {np.mean([run['sps'] for run in env_runs]):,.0f} | {np.mean([run['wall_s'] for run in env_runs]) / 60:.1f} min |\n")  # fmt: skip
-        f.write("\nPer run: " + "; ".join(f"{run['env']} seed {run['seed']}: {run['final']:,.0f} / {run['eval']:,.0f}" for run in runs) + "\n")
+            per_seed = " / ".join(f"{value:,.0f}" for value in final)
+            f.write(f"| {env_id} | {np.mean(final):,.0f} ± {np.std(final):,.0f} | {per_seed} "
+                    f"| {np.mean(evaluation):,.0f} ± {np.std(evaluation):,.0f} "
+                    f"| {np.mean([run['sps'] for run in env_runs]):,.0f} "
+                    f"| {np.mean([run['wall_s'] for run in env_runs]) / 60:.1f} min |\n")
+        f.write("\nPer run (final / evaluation): " + "; ".join(
+            f"{run['env']} seed {run['seed']}: {run['final']:,.0f} / {run['eval']:,.0f}" for run in runs) + "\n")
 
     figure, axes = plt.subplots(1, len(args.envs), figsize=(5 * len(args.envs), 3.5), squeeze=False)
     grid = np.linspace(0, args.steps, 101)[1:]
     for axis, env_id in zip(axes[0], args.envs):
-        # each seed's mean of its last 10 episodes, interpolated onto a common step grid; then mean and std across seeds
+        # each seed's mean of its last 10 episodes, on a common step grid; then mean and std across seeds
         curves = []
         for run in (run for run in runs if run["env"] == env_id):
             steps, values = np.array(run["episodes"]).T
@@ -189,7 +205,8 @@ def main() -> None:
     throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
     throughput.add_argument("--only", nargs="*", default=["ours-default", "ours-reference", "sb3-reference", "raw-env"])
     returns = modes.add_parser("returns", help="learning curves and final returns over envs x seeds")
-    returns.add_argument("--envs", nargs="+", default=["HalfCheetah-v4", "Hopper-v4", "Walker2d-v4", "Ant-v4", "Humanoid-v4"])
+    mujoco_five = ["HalfCheetah-v4", "Hopper-v4", "Walker2d-v4", "Ant-v4", "Humanoid-v4"]
+    returns.add_argument("--envs", nargs="+", default=mujoco_five)
     returns.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     returns.add_argument("--steps", type=int, default=1_000_000)
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
@@ -218,10 +235,10 @@ def throughput_mode(args) -> None:
 
     by_name = {row["run"]: row for row in rows}
     ratios = []
-    for ours, theirs in [("ours-default", "sb3-reference"), ("ours-reference", "sb3-reference"), ("ours-default", "raw-env")]:
+    pairs = [("ours-default", "sb3-reference"), ("ours-reference", "sb3-reference"), ("ours-default", "raw-env")]
+    for ours, theirs in pairs:
         if ours in by_name and theirs in by_name:
             ratios.append(f"{ours} / {theirs}: {by_name[ours]['sps'] / by_name[theirs]['sps']:.2f}x")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print("\n".join(ratios))
 
     fields = ["run", "steps", "wall_s", "sps", "rollout_s", "update_s", "command"]
@@ -230,10 +247,12 @@ def throughput_mode(args) -> None:
         writer.writeheader()
         writer.writerows({k: row[k] for k in fields} for row in rows)
     with open(os.path.join(RESULTS, "throughput.md"), "w") as f:
-        f.write(f"{args.env_id}, {steps:,} steps per run, {machine}; `{' '.join(['python', *sys.argv])}`\n\n")
+        f.write(f"{args.env_id}, {steps:,} steps per run, {machine()}, Python {platform.python_version()}; "
+                f"`{' '.join(['python', *sys.argv])}`\n\n")
         f.write("| run | steps/s | wall-clock s | rollout s | update s |\n|---|---:|---:|---:|---:|\n")
         for row in rows:
-            f.write(f"| {row['run']} | {row['sps']:,.0f} | {row['wall_s']:.1f} | {row['rollout_s']:.1f} | {row['update_s']:.1f} |\n")
+            f.write(f"| {row['run']} | {row['sps']:,.0f} | {row['wall_s']:.1f} | {row['rollout_s']:.1f} "
+                    f"| {row['update_s']:.1f} |\n")
         f.write("\n" + "; ".join(ratios) + "\n")
 
 

@@ -1,0 +1,90 @@
+"""Plant each bug kind in a scratch copy of the repository and check that the test named beside it fails.
+
+    python .ci/plant_bugs.py            # all kinds, a few minutes
+    python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
+
+Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
+R1-R11 issue #10's (by item number).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (label, text in ppo_continuous.py, what replaces it, pytest -k expression of the tests that must fail)
+KINDS = [
+    ("1 final obs stored raw",
+     'rollout["final_obs"][step, done] = normalize_obs(np.stack(infos["final_obs"][done]), obs_rms, clip_obs)',
+     'rollout["final_obs"][step, done] = np.stack(infos["final_obs"][done])',
+     "test_rollout_normalizes_with_frozen_statistics_including_the_final_obs"),
+    ("2a statistics never move",
+     'obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))', 'rollout.pop("next_raw_obs")',
+     "test_statistics_absorb_every_step_after_each_rollout"),
+    ("2b statistics move within a rollout",
+     '            rollout["next_raw_obs"][step] = raw_obs\n',
+     '            rollout["next_raw_obs"][step] = raw_obs\n            obs_rms.update(raw_obs)\n',
+     "test_rollout_normalizes_with_frozen_statistics_including_the_final_obs"),
+    ("3 evaluation updates the statistics",
+     "        while not done:\n", "        while not done:\n            obs_rms.update(obs[None])\n",
+     "test_evaluation_only_reads_the_statistics"),
+    ("4 advantages normalized without --norm-adv", "if args.norm_adv:", "if True:",
+     "test_advantages_reach_the_loss_normalized_only_with_norm_adv"),
+    ("5 old log-probs not shuffled with the batch",
+     "shuffled = {name: x[permutation] for name, x in batch.items()}",
+     'shuffled = {name: x if name == "logprobs" else x[permutation] for name, x in batch.items()}',
+     "test_first_minibatch_scores_pi_old_and_v_old_of_its_own_samples"),
+    ("6 no gradient-norm clipping",
+     "                    nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n", "",
+     "test_gradient_norm_is_clipped_before_every_adam_step"),
+    ("R1 SIGTERM not handled", "stop = [], None, (signal.SIGINT, signal.SIGTERM)", "stop = [], None, (signal.SIGINT,)",
+     "test_stop_signal_saves_checkpoint"),
+    ("R2 runs share a directory", "os.makedirs(run_dir, exist_ok=checkpoint is not None)",
+     "os.makedirs(run_dir, exist_ok=True)", "test_runs_started_in_the_same_second_get_their_own_directories"),
+    ("R3 a typed default is ignored", 'given = {name.removeprefix("no_") for name in given} & set(ARG_NAMES)',
+     "given = {name for name in ARG_NAMES if getattr(args, name) != getattr(Args(), name)}",
+     "test_an_option_typed_with_its_default_value_counts or default_total_timesteps"),
+    ("R5 resume forgets runtime settings", "changed = given & (RUNTIME_SETTINGS | {\"total_timesteps\"})",
+     "changed = RUNTIME_SETTINGS | ({\"total_timesteps\"} & given)",
+     "test_resume_keeps_the_checkpoint_runtime_settings_unless_given"),
+    ("R6 resume purges the checkpoint's step", "purge_step=global_step + 1 if checkpoint else None",
+     "purge_step=global_step if checkpoint else None", "test_extending_a_finished_run"),
+    ("R7 non-finite statistics saved",
+     "guarded = [list(mean_stats.values()), obs_rms.mean, obs_rms.var, reward_scaler.return_rms.var]",
+     "guarded = [list(mean_stats.values())]", "test_non_finite_statistics_never_reach_a_checkpoint"),
+    ("R8 stray temporary file", '        if os.path.isfile(path + ".tmp"):\n            os.remove(path + ".tmp")\n', "",
+     "test_disk_full"),
+    ("R9 negative --vf-coef accepted", '(("vf_coef", "ent_coef"), lambda v: 0 <= v < np.inf',
+     '(("ent_coef",), lambda v: 0 <= v < np.inf', "test_every_numeric_option_is_checked_against_its_domain"),
+    ("R10 env errors as tracebacks", "    except Exception as error:  # unknown ids, missing packages",
+     "    except gym.error.Error as error:  # unknown ids, missing packages",
+     "test_any_failure_to_make_the_environment_is_one_line"),
+    ("R11 render_mode always passed",
+     'env = make_env(env_id, render_mode="rgb_array") if video_dir else make_env(env_id)',
+     'env = make_env(env_id, render_mode="rgb_array" if video_dir else None)',
+     "test_env_without_render_mode_argument"),
+]
+
+
+def main() -> None:
+    labels = sys.argv[1:]
+    for label, text, replacement, tests in KINDS:
+        if labels and not any(label.startswith(prefix) for prefix in labels):
+            continue
+        scratch = os.path.join(tempfile.gettempdir(), "plant_bugs", label.split()[0])
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(".git", "runs", "benchmarks", "__pycache__"))
+        path = os.path.join(scratch, "ppo_continuous.py")
+        code = open(path).read()
+        assert code.count(text) == 1, f"{label}: the text to replace occurs {code.count(text)} times"
+        open(path, "w").write(code.replace(text, replacement))
+        result = subprocess.run([sys.executable, "-m", "pytest", "test_ppo.py", "-q", "-x", "-k", tests, "-p",
+                                 "no:cacheprovider"], cwd=scratch, capture_output=True, text=True)
+        verdict = "CAUGHT" if result.returncode == 1 else "MISSED"
+        print(f"{verdict}  {label:45s} by {tests}: {result.stdout.strip().splitlines()[-1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
