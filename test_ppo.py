@@ -348,7 +348,7 @@ def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path,
     monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
     monkeypatch.setattr(Agent, "log_prob", recording_log_prob)
     train(Args(env_id="Pendulum-v1", total_timesteps=256, init_logstd=1.0, eval_episodes=0, save_model=False, **SMALL))
-    stored = scored[0].numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
+    stored = scored[0].cpu().numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
     sent = np.concatenate(sent)
     assert (np.abs(stored) > 2).mean() > 0.2  # the case this test is about does occur
     np.testing.assert_array_equal(sent, np.clip(stored, -2.0, 2.0))
@@ -557,22 +557,24 @@ def test_stop_signal_saves_checkpoint_and_leaves_no_workers(tmp_path, signum, wh
     assert process_group_members(process.pid) == []
 
 
-class NaNAfterFirstSteps(gym.Wrapper):
-    """Pendulum whose rewards turn to NaN after 100 steps, to trip the guard."""
+class BrokenAfter100Steps(gym.Wrapper):
+    """Pendulum whose rewards turn to NaN (or observations to +inf) after 100 steps, to trip the guards."""
 
-    def __init__(self):
+    def __init__(self, broken="reward"):
         super().__init__(gym.make("Pendulum-v1"))
-        self.steps = 0
+        self.broken, self.steps = broken, 0
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
-        return obs, (float("nan") if self.steps > 100 else reward), terminated, truncated, info
+        if self.steps > 100:
+            obs, reward = (np.full(3, np.inf), reward) if self.broken == "observations" else (obs, float("nan"))
+        return obs, reward, terminated, truncated, info
 
 
 def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    gym.register("NaNPendulum-v0", entry_point=NaNAfterFirstSteps)
+    gym.register("NaNPendulum-v0", entry_point=BrokenAfter100Steps)
     with pytest.raises(SystemExit, match="non-finite at iteration 1 \\(step 256\\); no checkpoint was written"):
         train(Args(env_id="NaNPendulum-v0", total_timesteps=1024, **SMALL))
 
@@ -816,23 +818,10 @@ def test_resume_keeps_the_checkpoint_runtime_settings_unless_given(pendulum_run)
         resume_args(Args(resume="ck", total_timesteps=256), checkpoint, given={"resume", "total_timesteps"})
 
 
-class InfiniteObservations(gym.Wrapper):
-    """Pendulum whose observations turn to +inf after 100 steps: the loss stays finite (normalized inputs are
-    clipped), but the observation statistics do not."""
-
-    def __init__(self):
-        super().__init__(gym.make("Pendulum-v1"))
-        self.steps = 0
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.steps += 1
-        return (np.full(3, np.inf) if self.steps > 100 else obs), reward, terminated, truncated, info
-
-
 def test_non_finite_statistics_never_reach_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    gym.register("InfinitePendulum-v0", entry_point=InfiniteObservations)
+    # +inf observations: the loss stays finite (normalized inputs are clipped), the observation statistics do not
+    gym.register("InfinitePendulum-v0", entry_point=BrokenAfter100Steps, kwargs={"broken": "observations"})
     with pytest.raises(SystemExit, match="statistics became non-finite at iteration 1 .*no checkpoint was written"):
         train(Args(env_id="InfinitePendulum-v0", total_timesteps=1024, checkpoint_every=1, **SMALL))
     assert glob.glob("runs/*/checkpoint.pt*") == []
@@ -844,7 +833,7 @@ def test_non_finite_checkpoint_and_returns_are_refused(pendulum_run, tmp_path):
     torch.save(checkpoint, tmp_path / "nan.pt")
     with pytest.raises(SystemExit, match="holds non-finite values in obs_rms.var"):
         load_checkpoint(str(tmp_path / "nan.pt"))
-    gym.register("NaNRewardPendulum-v0", entry_point=NaNAfterFirstSteps)
+    gym.register("NaNRewardPendulum-v0", entry_point=BrokenAfter100Steps)
     with pytest.raises(SystemExit, match="gave non-finite returns"):
         evaluate(Agent(3, 1), RunningMeanStd((3,)), "NaNRewardPendulum-v0", episodes=1, seed=0, clip_obs=10.0)
 
