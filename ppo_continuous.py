@@ -323,11 +323,10 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     stop_signals, envs, stop = [], None, (signal.SIGINT, signal.SIGTERM)
     default_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signals.append(signum)) for sig in stop}
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # POSIX (Linux, macOS), as are the MuJoCo setups README covers
         envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
-        # A resumed run starts fresh episodes (the environments' inner state is not in the checkpoint),
-        # seeded apart from the first session's so it does not replay the same starts.
+        # A resumed run starts fresh episodes (env state is not in checkpoints), seeded apart from the first session's
         raw_obs, _ = envs.reset(seed=args.seed + global_step)
         start_step, start_time, last_print, iteration = global_step, time.time(), 0.0, start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
