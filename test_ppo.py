@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import gymnasium as gym
@@ -40,6 +41,7 @@ from ppo_continuous import (
     make_vector_env,
     normalize_obs,
     ppo_loss,
+    progress_line,
     resume_args,
     save_checkpoint,
     train,
@@ -732,6 +734,23 @@ def test_gradient_norm_is_clipped_before_every_adam_step(tmp_path, monkeypatch):
         handle.remove()
     assert len(norms) == 2 * 4  # epochs x minibatches
     assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
+def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path, monkeypatch):
+    """explained variance = 1 - Var(R - V) / Var(R), and R - V = Â, so 1 - Var(Â) / Var(R) of the update's batch."""
+    monkeypatch.chdir(tmp_path)
+    _, estimates = record_loss_inputs(monkeypatch)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, **SMALL))
+    advantages, returns = estimates[0]
+    expected = 1 - advantages.var().item() / returns.var().item()
+    assert scalars(run_dir, "losses/explained_variance") == pytest.approx([expected], rel=1e-5)
+
+
+def test_progress_line_shows_the_time_left():
+    # 4,000 steps left at 100 steps/s = 40 s -> "0:40"; 130,000 left at 1,000 steps/s = 130 s -> "2:10"
+    assert progress_line(1_000, 5_000, 100, deque([1.0, 3.0])) == (
+        "step     1,000/5,000 | 100 SPS | 0:40 left | return 2.0 over last 2 episodes")
+    assert "| 2:10 left | return none yet" in progress_line(20_000, 150_000, 1_000, deque())
 
 
 # ---- Reliability: signals, run directories, options as typed, resume, non-finite values, the disk -------------
