@@ -55,9 +55,9 @@ class Args:  # each comment is the option's --help text
     ent_coef: float = 0.0  # weight c2 of the entropy bonus S
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
-    init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
+    init_logstd: float = -1.5  # initial log σ of the Gaussian policy (-1.5: σ ≈ 0.22)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
-    target_kl: float | None = None  # end an update's epochs once an epoch's mean approximate KL exceeds this
+    target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
     clip_obs: float = 10.0  # clip normalized observations to ±this
     clip_reward: float = 10.0  # clip scaled rewards to ±this
     save_model: bool = True  # write runs/<run>/checkpoint.pt at the end of training (and on SIGINT or SIGTERM)

@@ -289,7 +289,7 @@ def test_reward_scaler_clips():
 
 
 # ---- Whole runs ------------------------------------------------------------------------------------
-SMALL = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2)
+SMALL = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2, target_kl=None)  # every epoch runs
 
 
 def scalars(run_dir: str, tag: str) -> list[float]:
@@ -734,6 +734,23 @@ def test_gradient_norm_is_clipped_before_every_adam_step(tmp_path, monkeypatch):
         handle.remove()
     assert len(norms) == 2 * 4  # epochs x minibatches
     assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
+def test_target_kl_ends_the_update_after_the_first_epoch_whose_mean_kl_exceeds_it(tmp_path, monkeypatch):
+    """The approximate KL reported per minibatch is set to: epoch 1 (0, 0, 0, 0.05), mean 0.0125; epoch 2
+    (0.03, 0.03, 0.03, 0.03), mean 0.03. Against a target of 0.02 the epoch means stop the update after
+    epoch 2 (a rule on the last minibatch alone would stop after epoch 1)."""
+    monkeypatch.chdir(tmp_path)
+    reported = iter([0.0, 0.0, 0.0, 0.05] + [0.03] * 4 + [0.0] * 100)
+
+    def loss_with_set_kl(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False,
+                            **{**SMALL, "update_epochs": 5, "target_kl": 0.02}))
+    assert scalars(run_dir, "charts/epochs_run") == [2]
 
 
 def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
     python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
 
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
-R1-R14 issue #10's (by item number), F a formula's.
+R1-R14 issue #10's (by item number), K issue #11's, F a formula's.
 """
 
 import os
@@ -39,6 +39,8 @@ KINDS = [
     ("6 no gradient-norm clipping",
      "                    nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n", "",
      "test_gradient_norm_is_clipped_before_every_adam_step"),
+    ("K target-kl decided on the last minibatch", "if epoch_kl.mean().item() > args.target_kl:",
+     "if epoch_kl[-1].item() > args.target_kl:", "test_target_kl_ends_the_update"),
     ("F explained variance inverted", "1 - var_errors / var_returns", "var_errors / var_returns",
      "test_logged_explained_variance"),
     ("R14 time left miscounted", "round((total_steps - global_step) / max(sps, 1))", "round(global_step / max(sps, 1))",
