@@ -201,7 +201,8 @@ def test_gae_by_hand():
 
 
 def test_gae_termination_stops_bootstrap_and_carry():
-    # terminated at t=1: V(final obs) must be ignored (99 proves it), δ_1 = 2 - 1.0 = 1.0; Â_1 = δ_1 (no carry from t=2)
+    # terminated at t=1: V(final obs) must be ignored (99 proves it), δ_1 = 2 - 1.0 = 1.0;
+    # Â_1 = δ_1 (no carry from t=2)
     # Â_2 = 3.3;  Â_0 = 1.4 + 0.72*1.0 = 2.12
     advantages, _ = gae(terminations=[0, 1, 0], dones=[0, 1, 0], final_values=[0, 99.0, 0])
     assert advantages == pytest.approx([2.12, 1.0, 3.3])
