@@ -58,6 +58,7 @@ class Args:  # each comment is the option's --help text
     init_logstd: float = -1.5  # initial log σ of the Gaussian policy (-1.5: σ ≈ 0.22)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
+    lr_kl_target: float | None = None  # adapt the step size to the update's KL: ÷1.5 above 2x this, x1.5 below ½
     clip_obs: float = 10.0  # clip normalized observations to ±this
     clip_reward: float = 10.0  # clip scaled rewards to ±this
     save_model: bool = True  # write runs/<run>/checkpoint.pt at the end of training (and on SIGINT or SIGTERM)
@@ -297,7 +298,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     # fused: one kernel for the whole Adam step instead of several per tensor (~20% faster update on a CPU)
     optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, eps=1e-5, fused=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.clip_reward)
-    global_step, start_iteration = 0, 1
+    global_step, start_iteration, lr_scale = 0, 1, 1.0
     if checkpoint is not None:  # the rest of the training state: Adam's moments, return statistics, RNG
         optimizer.load_state_dict(checkpoint["optimizer"])
         reward_scaler.return_rms.load_state_dict(checkpoint["return_rms"])
@@ -330,8 +331,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
         raw_obs, _ = envs.reset(seed=args.seed + global_step)
         start_step, start_time, last_print, iteration = global_step, time.time(), 0.0, start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+            schedule = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
+            optimizer.param_groups[0]["lr"] = lr_scale * args.learning_rate * schedule
             rollout_start = time.time()
             rollout, raw_obs, ended = collect_rollout(envs, agent, obs_rms, raw_obs, episodes, args.num_steps,
                                                       args.clip_obs, device)
@@ -375,10 +376,16 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
                     epoch_stats.append(torch.stack(list(stats.values())))
-                if args.target_kl is not None:  # decided on the epoch's mean KL, not on one noisy minibatch's
+                if args.target_kl is not None or args.lr_kl_target is not None:  # the epoch's mean, not a minibatch's
                     epoch_kl = torch.stack(epoch_stats[-args.num_minibatches :])[:, list(stats).index("approx_kl")]
-                    if epoch_kl.mean().item() > args.target_kl:
+                    epoch_kl = epoch_kl.mean().item()
+                    if args.target_kl is not None and epoch_kl > args.target_kl:
                         break
+            if args.lr_kl_target is not None:  # follow the KL of the update's last epoch, never above the schedule
+                if epoch_kl > 2 * args.lr_kl_target:
+                    lr_scale /= 1.5
+                elif epoch_kl < args.lr_kl_target / 2:
+                    lr_scale = min(1.0, lr_scale * 1.5)
 
             # -- Guard, log, checkpoint --------------------------------------------------------------------
             mean_stats = dict(zip(stats, torch.stack(epoch_stats).mean(0).tolist()))
@@ -434,7 +441,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
 RULES = [  # the domain of every numeric option (a comparison with NaN is False, so NaN fails every rule)
     (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads"),
      lambda v: v > 0, "must be positive"),
-    (("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward", "target_kl"),
+    (("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward", "target_kl", "lr_kl_target"),
      lambda v: v is None or 0 < v < np.inf, "must be positive and finite"),
     (("vf_coef", "ent_coef"), lambda v: 0 <= v < np.inf, "must be finite and not negative"),
     (("gamma", "gae_lambda"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
