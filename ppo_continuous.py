@@ -24,6 +24,7 @@ from typing import Literal
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from gymnasium.vector import AutoresetMode
@@ -34,12 +35,12 @@ from torch.utils.tensorboard import SummaryWriter
 @dataclasses.dataclass
 class Args:  # each comment is the option's --help text
     env_id: str = "HalfCheetah-v4"  # gymnasium id of an environment with flat Box observations and actions
-    total_timesteps: int = 1_000_000  # environment steps to train for, summed over all sub-environments
+    total_timesteps: int = 1_000_000  # environment steps to train for, summed over all sub-environments and ranks
     seed: int = 1  # seed for torch, numpy, random and the environments
     exp_name: str = "ppo_continuous"  # name of the experiment, part of the run directory name
     cuda: bool = True  # use the GPU when one is available (falls back to the CPU otherwise)
     torch_threads: int = 1  # CPU threads for torch; small MLPs run fastest on one
-    num_envs: int = 8  # sub-environments stepped together; the policy sees them as one batch
+    num_envs: int = 8  # sub-environments stepped together (on each torchrun rank); the policy sees them as one batch
     vector_mode: Literal["sync", "async"] = "sync"  # step the sub-environments in this process, or one subprocess each
     num_steps: int = 256  # steps per sub-environment in each rollout (samples per rollout = num_envs * num_steps)
 
@@ -110,13 +111,14 @@ class RunningMeanStd:
         self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # tiny prior count: first merge defined
 
     def update(self, batch: np.ndarray) -> None:
-        batch_mean, batch_var, batch_count = batch.mean(axis=0), batch.var(axis=0), batch.shape[0]
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean = self.mean + delta * batch_count / total
-        sum_of_squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.var = sum_of_squares / total
-        self.count = total
+        """Merge this batch (and, under torchrun, every other rank's, in rank order: all ranks end up equal)."""
+        for batch_mean, batch_var, batch_count in all_ranks((batch.mean(axis=0), batch.var(axis=0), batch.shape[0])):
+            delta = batch_mean - self.mean
+            total = self.count + batch_count
+            self.mean = self.mean + delta * batch_count / total
+            squares = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+            self.var = squares / total
+            self.count = total
 
     def state_dict(self) -> dict:
         return {"mean": torch.tensor(self.mean), "var": torch.tensor(self.var), "count": float(self.count)}
@@ -276,18 +278,68 @@ def ppo_loss(new_logprob, old_logprob, advantages, new_value, old_value, returns
                       approx_kl=approx_kl, clip_fraction=clip_fraction)
 
 
+# ---- Data parallel: under torchrun, N ranks train one policy -------------------------------------------
+# Each rank steps its own envs and computes gradients on its share of every minibatch. Ranks start from rank 0's
+# weights and then exchange, every step, what keeps them equal: the mean gradient (all-reduced by hand before
+# clipping, so no DistributedDataParallel wrapper whose .module would skip it), the KL that ends the epochs, the
+# batches' normalization moments, and the stop signal. Without torchrun each function is the identity.
+def all_ranks(value) -> list:
+    """value from every rank, in rank order (without torchrun, [value])."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)  # a sum: gloo has no average
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def average_gradients(parameters: list[Tensor]) -> None:
+    """Every rank's gradient becomes the mean over ranks: the whole minibatch's, as the ranks' shares are equal."""
+    if dist.is_initialized():
+        flat = mean_over_ranks(torch.cat([p.grad.reshape(-1) for p in parameters]))  # one exchange for all tensors
+        for p, grad in zip(parameters, flat.split([p.numel() for p in parameters])):
+            p.grad.copy_(grad.view_as(p))
+
+
+def mean_and_std(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (Bessel-corrected) standard deviation of x over the samples of all ranks."""
+    if not dist.is_initialized():
+        return x.mean(), x.std()
+    mean, count = mean_over_ranks(x.mean()), x.numel() * dist.get_world_size()
+    return mean, (mean_over_ranks(((x - mean) ** 2).mean()) * count / (count - 1)).sqrt()
+
+
+def start_ranks(device: torch.device) -> None:
+    """Join the other ranks when torchrun started this process (it sets WORLD_SIZE, RANK, LOCAL_RANK)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 # ---- Training loop: rollout → Â_t → K epochs of minibatch Adam, repeated -----------------------------
 def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]:
     """Train (afresh or on from a checkpoint); return the run directory and the final evaluation's raw returns."""
     validate(args)
-    batch_size = args.num_envs * args.num_steps
+    rank, world_size = rank_and_world_size()
+    batch_size = args.num_envs * args.num_steps  # samples per rollout on each rank
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    if args.capture_video:
+    num_iterations = args.total_timesteps // (batch_size * world_size)
+    if args.capture_video and rank == 0:
         check_rendering(args.env_id)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    random.seed(args.seed + rank)  # ranks draw different noise and shuffles; rank 0 draws what one process would
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     torch.set_num_threads(args.torch_threads)
     device = pick_device(args.cuda)
     obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id))
@@ -295,40 +347,55 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     if checkpoint is not None:
         agent, obs_rms = load_policy(checkpoint, args.env_id, device)
     parameters = list(agent.parameters())
+    if world_size > 1:  # every rank starts from rank 0's weights
+        for parameter in parameters:
+            dist.broadcast(parameter.data, src=0)
     # fused: one kernel for the whole Adam step instead of several per tensor (~20% faster update on a CPU)
     optimizer = torch.optim.Adam(parameters, lr=args.learning_rate, eps=1e-5, fused=True)
     reward_scaler = RewardScaler(args.num_envs, args.gamma, args.clip_reward)
     global_step, start_iteration, lr_scale = 0, 1, 1.0
     if checkpoint is not None:  # the rest of the training state: Adam's moments, return statistics, RNG
+        if checkpoint["world_size"] != world_size:
+            raise SystemExit(f"error: the checkpoint was trained by {checkpoint['world_size']} ranks; resume it with "
+                             f"as many (torchrun --nproc-per-node), not {world_size}")
         optimizer.load_state_dict(checkpoint["optimizer"])
         reward_scaler.return_rms.load_state_dict(checkpoint["return_rms"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"] + 1
-    run_dir = make_run_dir(args, checkpoint)
+        lr_scale = checkpoint["lr_scale"]
+        if rank == 0:  # the checkpoint holds rank 0's generators; the other ranks draw anew, seeded apart
+            torch.set_rng_state(checkpoint["torch_rng"])
+            if device.type == "cuda" and checkpoint["cuda_rng"]:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
+        else:
+            torch.manual_seed(args.seed + rank + global_step)
+    run_dir = all_ranks(make_run_dir(args, checkpoint) if rank == 0 else None)[0]
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    # purge_step drops what an earlier session logged after the checkpoint's step (that step's points stay)
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-    table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", global_step)
+    writer = None
+    if rank == 0:  # purge_step drops what an earlier session logged after the checkpoint's step (that step's stay)
+        writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+        table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", global_step)
     coefficients = {name: getattr(args, name) for name in ("clip_coef", "vf_coef", "ent_coef", "clip_vloss")}
     episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, int)}  # running, raw, per env
     recent_returns = deque(maxlen=10)
 
     def save(iteration: int) -> None:
-        state = training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration)
-        save_checkpoint(checkpoint_path, state)
+        if rank == 0:
+            save_checkpoint(checkpoint_path, training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler,
+                                                            global_step, iteration, world_size, lr_scale))
 
     # SIGINT/SIGTERM are honoured between iterations; blocked while async workers start, so only this process sees them
     stop_signals, envs, stop = [], None, (signal.SIGINT, signal.SIGTERM)
     default_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signals.append(signum)) for sig in stop}
+
+    def agreed_stop() -> int:  # the signal any rank got (0: none), so that all ranks stop after the same iteration
+        return max(all_ranks(stop_signals[0] if stop_signals else 0))
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # POSIX (Linux, macOS), as are the MuJoCo setups README covers
         envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
         # A resumed run starts fresh episodes (env state is not in checkpoints), seeded apart from the first session's
-        raw_obs, _ = envs.reset(seed=args.seed + global_step)
+        raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs + global_step)
         start_step, start_time, last_print, iteration = global_step, time.time(), 0.0, start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
             schedule = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
@@ -336,11 +403,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             rollout_start = time.time()
             rollout, raw_obs, ended = collect_rollout(envs, agent, obs_rms, raw_obs, episodes, args.num_steps,
                                                       args.clip_obs, device)
-            for step, episode_return, episode_length in ended:
-                writer.add_scalar("charts/episodic_return", episode_return, global_step + (step + 1) * args.num_envs)
-                writer.add_scalar("charts/episodic_length", episode_length, global_step + (step + 1) * args.num_envs)
-                recent_returns.append(episode_return)
-            global_step += batch_size
+            ended = [episode for rank_ended in all_ranks(ended) for episode in rank_ended]
+            step_before, global_step = global_step, global_step + batch_size * world_size
 
             # -- Â_t and R_t by GAE, and log π_old(a_t|s_t) of the whole batch at once -----------------------
             update_start = time.time()
@@ -364,21 +428,22 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                 shuffled = {name: x[permutation] for name, x in batch.items()}  # one gather per epoch
                 for start in range(0, batch_size, minibatch_size):
                     mb = {name: x[start : start + minibatch_size] for name, x in shuffled.items()}  # views
-                    if args.norm_adv:
-                        advantages_mb = mb["advantages"]
-                        mb["advantages"] = (advantages_mb - advantages_mb.mean()) / (advantages_mb.std() + 1e-8)
+                    if args.norm_adv:  # over the whole minibatch, all ranks' shares of it
+                        mean, std = mean_and_std(mb["advantages"])
+                        mb["advantages"] = (mb["advantages"] - mean) / (std + 1e-8)
                     new_logprob = agent.log_prob(mb["obs"], mb["actions"])  # log π_θ(a_t|s_t)
                     new_value = agent.value(mb["obs"])  # V_φ(s_t)
                     loss, stats = ppo_loss(new_logprob, mb["logprobs"], mb["advantages"], new_value, mb["values"],
                                            mb["returns"], agent.entropy(), **coefficients)
                     optimizer.zero_grad()
                     loss.backward()
+                    average_gradients(parameters)
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
                     epoch_stats.append(torch.stack(list(stats.values())))
                 if args.target_kl is not None or args.lr_kl_target is not None:  # the epoch's mean, not a minibatch's
                     epoch_kl = torch.stack(epoch_stats[-args.num_minibatches :])[:, list(stats).index("approx_kl")]
-                    epoch_kl = epoch_kl.mean().item()
+                    epoch_kl = mean_over_ranks(epoch_kl.mean()).item()  # every rank stops after the same epoch
                     if args.target_kl is not None and epoch_kl > args.target_kl:
                         break
             if args.lr_kl_target is not None:  # follow the KL of the update's last epoch, never above the schedule
@@ -395,31 +460,42 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                                  f"(step {global_step}); {kept(checkpoint_path)}")
             now = time.time()
             sps = int((global_step - start_step) / (now - start_time))
-            var_returns, var_errors = batch["returns"].var().item(), (batch["returns"] - batch["values"]).var().item()
-            scalars = {f"losses/{name}": value for name, value in mean_stats.items()} | {
-                "losses/explained_variance": 1 - var_errors / var_returns if var_returns else float("nan"),
-                "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epochs_run": epoch, "charts/SPS": sps,
-                "charts/rollout_seconds": update_start - rollout_start, "charts/update_seconds": now - update_start}
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, global_step)
-            if now - last_print > 10 or iteration == num_iterations:
-                last_print = now
-                print(progress_line(global_step, num_iterations * batch_size, sps, recent_returns), flush=True)
+            if rank == 0:  # rank 0 logs for all: the episodes above are every rank's, the losses its own
+                for step, episode_return, episode_length in ended:
+                    episode_end = step_before + (step + 1) * args.num_envs * world_size
+                    writer.add_scalar("charts/episodic_return", episode_return, episode_end)
+                    writer.add_scalar("charts/episodic_length", episode_length, episode_end)
+                    recent_returns.append(episode_return)
+                var_returns = batch["returns"].var().item()
+                var_errors = (batch["returns"] - batch["values"]).var().item()
+                scalars = {f"losses/{name}": value for name, value in mean_stats.items()} | {
+                    "losses/explained_variance": 1 - var_errors / var_returns if var_returns else float("nan"),
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epochs_run": epoch,
+                    "charts/SPS": sps, "charts/rollout_seconds": update_start - rollout_start,
+                    "charts/update_seconds": now - update_start}
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, global_step)
+                if now - last_print > 10 or iteration == num_iterations:
+                    last_print = now
+                    print(progress_line(global_step, num_iterations * batch_size * world_size, sps, recent_returns),
+                          flush=True)
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 save(iteration)
-            if stop_signals:  # honoured between iterations, so the checkpoint is a consistent state
+            if agreed_stop():  # honoured between iterations, so the checkpoint is a consistent state
                 break
 
-        if stop_signals or args.save_model:
+        stop_signal = agreed_stop()
+        if stop_signal or args.save_model:
             save(iteration)
-            print(f"checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
-        if stop_signals:  # exit as the shell reports a process the signal stopped: 128 + its number
-            print(f"stopped by {signal.Signals(stop_signals[0]).name}", flush=True)
-            raise SystemExit(128 + stop_signals[0])
+            if rank == 0:
+                print(f"checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
+        if stop_signal:  # exit as the shell reports a process the signal stopped: 128 + its number
+            print(f"stopped by {signal.Signals(stop_signal).name}", flush=True)
+            raise SystemExit(128 + stop_signal)
         for signum, handler in default_handlers.items():  # training is over: a signal from here on stops at once
             signal.signal(signum, handler)
         eval_returns = []
-        if args.eval_episodes:
+        if args.eval_episodes and rank == 0:
             video_dir = os.path.join(run_dir, "videos") if args.capture_video else None
             eval_returns = evaluate(agent, obs_rms, args.env_id, episodes=args.eval_episodes, seed=args.seed,
                                     clip_obs=args.clip_obs, stochastic=args.eval_stochastic, video_dir=video_dir)
@@ -433,7 +509,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             signal.signal(signum, handler)
         if envs is not None:
             envs.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return run_dir, eval_returns
 
 
@@ -538,18 +615,20 @@ def evaluate(agent: Agent, obs_rms: RunningMeanStd, env_id: str, *, episodes: in
 CHECKPOINT_FORMAT = "ppo_continuous/1"  # a checkpoint holds everything needed to evaluate or continue a run
 ARG_NAMES = [field.name for field in dataclasses.fields(Args)]
 CHECKPOINT_FIELDS = ("format", "args", "run_dir", "obs_dim", "action_dim", "agent", "optimizer", "obs_rms",
-                     "return_rms", "global_step", "iteration", "torch_rng", "cuda_rng")
+                     "return_rms", "global_step", "iteration", "world_size", "lr_scale", "torch_rng", "cuda_rng")
 # Settings that may be given again when a run is resumed: they change how it runs, not what it learns.
 RUNTIME_SETTINGS = {"cuda", "torch_threads", "vector_mode", "save_model", "checkpoint_every", "resume",
                     "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video"}
 
 
-def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration) -> dict:
+def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration, world_size,
+                   lr_scale) -> dict:
     device = agent.actor_logstd.device
     return {"format": CHECKPOINT_FORMAT, "args": vars(args), "run_dir": run_dir,
             "obs_dim": agent.actor_mean[0].in_features, "action_dim": agent.actor_logstd.shape[0],
             "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
             "return_rms": reward_scaler.return_rms.state_dict(), "global_step": global_step, "iteration": iteration,
+            "world_size": world_size, "lr_scale": lr_scale,  # ranks that trained it; the KL-adapted step size factor
             # torch's generators are the only ones the loop draws from (each environment carries its own);
             # only the GPU in use is asked: asking for all of them would start CUDA in a CPU run
             "torch_rng": torch.get_rng_state(),
@@ -581,6 +660,7 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint  # what checkpoints written before these fields mean
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
                 if part in checkpoint and key not in checkpoint[part]]
@@ -624,7 +704,10 @@ def resume_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
 
 
 def pick_device(cuda: bool) -> torch.device:
-    return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+    """The GPU of this rank on its node (torchrun's LOCAL_RANK; 0 without it), or the CPU."""
+    if cuda and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def show_repeated_warnings_once() -> None:
@@ -661,8 +744,16 @@ def main() -> None:
               f"({'sampled' if args.eval_stochastic else 'mean'} actions)")
     else:
         checkpoint = load_checkpoint(args.resume) if args.resume else None
-        train(resume_args(args, checkpoint, given) if checkpoint else args, checkpoint)
-        print("TensorBoard: tensorboard --logdir runs")
+        args = resume_args(args, checkpoint, given) if checkpoint else args
+        start_ranks(pick_device(args.cuda))
+        rank = rank_and_world_size()[0]
+        try:
+            train(args, checkpoint)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if rank == 0:
+            print("TensorBoard: tensorboard --logdir runs")
 
 
 if __name__ == "__main__":

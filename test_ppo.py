@@ -419,7 +419,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     obs_rms.update(np.arange(12.0).reshape(4, 3))
     scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
     path = str(tmp_path / "checkpoint.pt")
-    state = training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3)
+    state = training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3,
+                           world_size=1, lr_scale=1.0)
     save_checkpoint(path, state)
     assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
 
