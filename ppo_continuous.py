@@ -545,8 +545,10 @@ def validate(args: Args) -> None:
     if batch_size % args.num_minibatches:
         raise SystemExit(f"error: samples per rollout ({args.num_envs} envs x {args.num_steps} steps = {batch_size}) "
                          f"is not divisible by --num-minibatches {args.num_minibatches}")
-    if args.total_timesteps < batch_size:
-        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout ({batch_size})")
+    world_size = rank_and_world_size()[1]
+    if args.total_timesteps < batch_size * world_size:
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
+                         f"({batch_size * world_size}: {world_size} rank(s) x {batch_size})")
 
 
 def progress_line(global_step: int, total_steps: int, sps: int, recent_returns: deque) -> str:

@@ -6,7 +6,9 @@ Each test of part 2 names the bug it exists to catch.
 Run with:  pytest test_ppo.py
 """
 
+import contextlib
 import glob
+import json
 import math
 import os
 import resource
@@ -755,6 +757,34 @@ def test_target_kl_ends_the_update_after_the_first_epoch_whose_mean_kl_exceeds_i
     assert scalars(run_dir, "charts/epochs_run") == [2]
 
 
+def test_lr_kl_target_divides_or_multiplies_the_step_size_by_1_5_and_the_schedule_caps_it(tmp_path, monkeypatch):
+    """Each update's KL (its last epoch's mean) is set to 0.05, 0.001, 0.001, 0.05, 0.01 against --lr-kl-target 0.01:
+    above 2 x 0.01 the factor is divided by 1.5, below 0.01 / 2 multiplied by 1.5 but never past 1, in between kept.
+    Factors used by iterations 1-6: 1, 1/1.5, 1 (2/3 x 1.5), 1 (capped), 1/1.5, 1/1.5; the schedule anneals from 1
+    by 1/6 per iteration, so the step sizes are 2e-3 x (1, 5/6 / 1.5, 4/6, 3/6, 2/6 / 1.5, 1/6 / 1.5)."""
+    monkeypatch.chdir(tmp_path)
+    update_kls = iter([0.05, 0.001, 0.001, 0.05, 0.01, 0.01, 0.01])
+    minibatches_per_update = SMALL["update_epochs"] * SMALL["num_minibatches"]
+    reported = iter(kl for kl in update_kls for _ in range(minibatches_per_update))
+
+    def loss_with_set_kl(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=6 * 256, eval_episodes=0, learning_rate=2e-3,
+                            lr_kl_target=0.01, **SMALL))
+    expected = [2e-3 * x for x in (1, 5 / 6 / 1.5, 4 / 6, 3 / 6, 2 / 6 / 1.5, 1 / 6 / 1.5)]
+    assert scalars(run_dir, "charts/learning_rate") == pytest.approx(expected, rel=1e-6)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["lr_scale"] == pytest.approx(1 / 1.5)
+    # resumed to 7 iterations, iteration 7 goes on with the saved factor: 2e-3 x (1 - 6/7) / 1.5
+    resumed = resume_args(Args(resume=path, total_timesteps=7 * 256), checkpoint, {"resume", "total_timesteps"})
+    train(resumed, checkpoint)
+    assert scalars(run_dir, "charts/learning_rate")[-1] == pytest.approx(2e-3 / 7 / 1.5, rel=1e-6)
+
+
 def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path, monkeypatch):
     """explained variance = 1 - Var(R - V) / Var(R), and R - V = Â, so 1 - Var(Â) / Var(R) of the update's batch."""
     monkeypatch.chdir(tmp_path)
@@ -996,3 +1026,169 @@ def test_first_screen_shows_each_warning_once_and_the_time_left(tmp_path):
     assert result.stderr.count("settotalmass") == 1  # MuJoCo says it once per sub-environment
     assert result.stderr.count("is out of date") == 1  # gymnasium says it once per make
     assert "0:00 left | return" in result.stdout
+
+
+# ---- Data parallel: two ranks under torchrun, gloo on loopback ----------------------------------------
+# Each run below starts `torchrun --nproc-per-node 2` on a small script that imports ppo_continuous, watches it
+# (the live agent and statistics handed to collect_rollout, the env steps taken) and saves what each rank saw.
+# It reports an approximate KL of 0 on rank 0 and 1 on rank 1: their mean, 0.5, is over the default --target-kl
+# 0.02, so every update stops after its first epoch, on both ranks; one rank's KL alone would split them.
+RANK_SPY = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import ppo_continuous as ppo
+seen = {{"env_steps": 0, "first_obs": None}}
+collect_rollout, reward_scaler, ppo_loss = ppo.collect_rollout, ppo.RewardScaler, ppo.ppo_loss
+def spy_loss(new_logprob, old_logprob, advantages, *rest, **coefficients):
+    seen.setdefault("first_advantages", advantages.clone())
+    loss, stats = ppo_loss(new_logprob, old_logprob, advantages, *rest, **coefficients)
+    return loss, {{**stats, "approx_kl": torch.tensor(float(os.environ["RANK"]))}}  # made up: rank 0 0, rank 1 1
+def spy_rollout(envs, agent, obs_rms, raw_obs, *rest):
+    seen.update(agent=agent, obs_rms=obs_rms)
+    seen["first_obs"] = raw_obs.copy() if seen["first_obs"] is None else seen["first_obs"]
+    seen["env_steps"] += rest[1] * envs.num_envs  # num_steps x num_envs
+    return collect_rollout(envs, agent, obs_rms, raw_obs, *rest)
+def spy_scaler(*args):
+    seen["reward_scaler"] = reward_scaler(*args)
+    return seen["reward_scaler"]
+ppo.collect_rollout, ppo.RewardScaler, ppo.ppo_loss = spy_rollout, spy_scaler, spy_loss
+sys.argv = [ppo.__file__] + sys.argv[1:]
+try:
+    ppo.main()
+finally:
+    torch.save({{"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
+                "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
+                "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"]}},
+               f"rank{{os.environ['RANK']}}.pt")
+"""
+TWO_RANK_RUN = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
+                "--update-epochs", "3", "--norm-adv", "--lr-kl-target", "0.01", "--eval-episodes", "1"]
+
+
+def torchrun(tmp_path, script: str, *cli_args: str) -> subprocess.Popen:
+    """torchrun with 2 ranks on `script` (formatted with root, the repository), in its own process group."""
+    (tmp_path / "ranks.py").write_text(script.format(root=str(Path(SCRIPT).parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "ranks.py",
+               *cli_args]
+    return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Wait for a torchrun; whatever happens (a hang, say), leave none of its processes behind."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_ranks_hold_one_policy(tmp_path) -> list[dict]:
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name in ranks[0]["agent"]:
+        assert torch.equal(ranks[0]["agent"][name], ranks[1]["agent"][name]), name
+    for part in ("obs_rms", "return_rms"):
+        for key in ("mean", "var", "count"):
+            assert torch.equal(torch.as_tensor(ranks[0][part][key]), torch.as_tensor(ranks[1][part][key])), part
+    assert not torch.equal(ranks[0]["first_obs"], ranks[1]["first_obs"])  # the ranks' envs are seeded apart
+    return ranks
+
+
+RANK_MATH = """
+import json, os, sys, numpy as np, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import ppo_continuous as ppo
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mean, std = ppo.mean_and_std(torch.tensor([[1.0, 2.0], [3.0, 5.0]][rank]))
+parameter = torch.nn.Parameter(torch.zeros(2))
+parameter.grad = torch.tensor([[1.0, -2.0], [3.0, 4.0]][rank])
+ppo.average_gradients([parameter])
+statistics = ppo.RunningMeanStd()
+statistics.update(np.array([[1.0, 2.0], [3.0, 5.0]][rank]))
+kl = ppo.mean_over_ranks(torch.tensor([0.01, 0.03][rank])).item()
+results = dict(mean=mean.item(), std=std.item(), grad=parameter.grad.tolist(), kl=kl, gathered=ppo.all_ranks(rank * 10),
+               statistics=[statistics.mean.item(), statistics.var.item(), statistics.count])
+json.dump(results, open(f"math{{rank}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_combine_their_shares_as_one_batch_by_hand(tmp_path):
+    """Bugs caught: advantages normalized by one rank's minibatch share, gradients summed instead of averaged,
+    one rank's KL deciding the stop, statistics merging one rank's batch. Rank 0 holds [1, 2], rank 1 [3, 5]."""
+    result = finish(torchrun(tmp_path, RANK_MATH))
+    assert result.returncode == 0, result.stderr
+    rank0, rank1 = (json.loads((tmp_path / f"math{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0 == rank1
+    # mean of [1, 2, 3, 5] = 11/4 = 2.75; squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75; / (4-1) → √2.9167
+    assert rank0["mean"] == 2.75 and rank0["std"] == pytest.approx(math.sqrt(8.75 / 3), rel=1e-6)
+    assert rank0["grad"] == [2.0, 1.0]  # ([1, -2] + [3, 4]) / 2
+    assert rank0["kl"] == pytest.approx(0.02)  # (0.01 + 0.03) / 2
+    assert rank0["gathered"] == [0, 10]
+    # all four samples merged into the prior (mean 0, var 1, count 1e-4): mean 11/4.0001, var ≈ 8.75/4 = 2.1875
+    assert rank0["statistics"][0] == pytest.approx(11 / 4.0001, rel=1e-9)
+    assert rank0["statistics"][1] == pytest.approx(2.1875, rel=1e-3) and rank0["statistics"][2] == 4.0001
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    result = finish(torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "512"))  # 2 x 2 ranks x 2 x 64
+    assert result.returncode == 0, result.stderr
+    return tmp_path, result
+
+
+def test_two_ranks_train_one_policy_and_count_every_step(two_rank_run):
+    """Bugs caught: gradients, the KL that ends the epochs, or the normalization statistics not combined across ranks
+    (the replicas drift apart); advantages normalized by one rank's share of the minibatch; the global step counting
+    one rank's steps."""
+    tmp_path, result = two_rank_run
+    ranks = assert_ranks_hold_one_policy(tmp_path)
+    # --norm-adv: the first minibatch (two shares of 64) has mean 0 and std 1 as a whole, not share by share
+    shares = [rank["first_advantages"] for rank in ranks]
+    whole = torch.cat(shares)
+    assert abs(whole.mean().item()) < 1e-6 and whole.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert min(abs(share.mean().item()) for share in shares) > 1e-3
+    checkpoint_path = glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0]
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert [rank["env_steps"] for rank in ranks] == [256, 256]
+    assert checkpoint["global_step"] == 512 and checkpoint["iteration"] == 2 and checkpoint["world_size"] == 2
+    # the statistics absorbed both ranks' 256 steps: count = 1e-4 (prior) + 512
+    assert checkpoint["obs_rms"]["count"] == ranks[0]["obs_rms"]["count"] == pytest.approx(512 + 1e-4)
+    assert torch.equal(checkpoint["agent"]["actor_logstd"], ranks[0]["agent"]["actor_logstd"])
+    assert scalars(os.path.dirname(checkpoint_path), "charts/epochs_run") == [1, 1]  # of 3: KL 0.5 ends each update
+    assert result.stdout.count("evaluation:") == 1 and result.stdout.count("checkpoint of step 512") == 1  # rank 0
+    assert len(glob.glob(f"{tmp_path}/runs/*")) == 1
+
+
+def test_two_rank_checkpoint_resumes_with_two_ranks_only(two_rank_run, tmp_path):
+    """Bug caught: a resumed rank restarting from its own state, or a checkpoint resumed by another number of ranks
+    (its iterations and learning-rate schedule assume the batch of 2 ranks)."""
+    shutil.copytree(two_rank_run[0] / "runs", tmp_path / "runs")
+    checkpoint_path = glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0]
+    result = finish(torchrun(tmp_path, RANK_SPY, "--resume", checkpoint_path, "--total-timesteps", "1024"))
+    assert result.returncode == 0, result.stderr
+    assert_ranks_hold_one_policy(tmp_path)
+    assert load_checkpoint(checkpoint_path)["global_step"] == 1024
+    alone = run_script("--resume", checkpoint_path, "--total-timesteps", "2048")
+    assert alone.returncode == 1 and alone.stderr.strip().splitlines() == [
+        "error: the checkpoint was trained by 2 ranks; resume it with as many (torchrun --nproc-per-node), not 1"]
+
+
+def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path):
+    """Bug caught: each rank honouring a signal on its own, so a rank that saw it leaves while the other waits in
+    the next exchange (a hang), or every rank writing the checkpoint."""
+    process = torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "100000000")
+    deadline = time.time() + 60
+    while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: torchrun and both ranks
+    result = finish(process, timeout=60)
+    stdout, stderr = result.stdout, result.stderr
+    assert stdout.count("stopped by SIGINT") == 2 and stdout.count("checkpoint of step") == 1, stderr
+    checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
+    assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 2 * 64 > 0
+    assert_ranks_hold_one_policy(tmp_path)

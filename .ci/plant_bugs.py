@@ -4,7 +4,7 @@
     python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
 
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
-R1-R14 issue #10's (by item number), K issue #11's, F a formula's.
+R1-R14 issue #10's (by item number), K and L issue #11's, D issue #12's (data parallel), F a formula's.
 """
 
 import os
@@ -39,8 +39,34 @@ KINDS = [
     ("6 no gradient-norm clipping",
      "                    nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n", "",
      "test_gradient_norm_is_clipped_before_every_adam_step"),
-    ("K target-kl decided on the last minibatch", "if epoch_kl.mean().item() > args.target_kl:",
-     "if epoch_kl[-1].item() > args.target_kl:", "test_target_kl_ends_the_update"),
+    ("K target-kl decided on the last minibatch", "epoch_kl = mean_over_ranks(epoch_kl.mean()).item()",
+     "epoch_kl = mean_over_ranks(epoch_kl[-1]).item()", "test_target_kl_ends_the_update"),
+    ("L1 adaptive step size not capped by the schedule", "lr_scale = min(1.0, lr_scale * 1.5)",
+     "lr_scale = lr_scale * 1.5", "test_lr_kl_target"),
+    ("L2 adaptive step size forgotten on resume", '        lr_scale = checkpoint["lr_scale"]\n', "",
+     "test_lr_kl_target"),
+    ("D1 gradients not averaged across ranks", "                    average_gradients(parameters)\n", "",
+     "test_two_ranks_train_one_policy"),
+    ("D2 gradients summed, not averaged", "        tensor /= dist.get_world_size()\n", "",
+     "test_ranks_combine_their_shares"),
+    ("D3 one rank's KL decides", "epoch_kl = mean_over_ranks(epoch_kl.mean()).item()",
+     "epoch_kl = epoch_kl.mean().item()", "test_two_ranks_train_one_policy"),
+    ("D4 statistics merge one rank's batch",
+     "in all_ranks((batch.mean(axis=0), batch.var(axis=0), batch.shape[0])):",
+     "in [(batch.mean(axis=0), batch.var(axis=0), batch.shape[0])]:", "test_ranks_combine or test_two_ranks_train"),
+    ("D5 advantages normalized by one rank's share", 'mean, std = mean_and_std(mb["advantages"])',
+     'mean, std = mb["advantages"].mean(), mb["advantages"].std()', "test_two_ranks_train_one_policy"),
+    ("D6 global step counts one rank", "global_step + batch_size * world_size", "global_step + batch_size",
+     "test_two_ranks_train_one_policy"),
+    ("D7 each rank honours its own signal", "return max(all_ranks(stop_signals[0] if stop_signals else 0))",
+     "return stop_signals[0] if stop_signals else 0", "test_stop_signal_stops_every_rank"),
+    ("D8 ranks' envs seeded alike", "seed=args.seed + rank * args.num_envs + global_step",
+     "seed=args.seed + global_step", "test_two_ranks_train_one_policy"),
+    ("D9 ranks start from their own weights", "            dist.broadcast(parameter.data, src=0)\n",
+     "            pass\n", "test_two_ranks_train_one_policy"),
+    ("D10 resumed ranks restart their optimizer", '        optimizer.load_state_dict(checkpoint["optimizer"])\n',
+     '        optimizer.load_state_dict(checkpoint["optimizer"]) if rank == 0 else None\n',
+     "test_two_rank_checkpoint_resumes"),
     ("F explained variance inverted", "1 - var_errors / var_returns", "var_errors / var_returns",
      "test_logged_explained_variance"),
     ("R14 time left miscounted", "round((total_steps - global_step) / max(sps, 1))", "round(global_step / max(sps, 1))",
