@@ -8,6 +8,7 @@
 throughput: runs one after the other on this machine (never side by side, so they do not share the cores):
   ours-default    python ppo_continuous.py with its defaults
   ours-reference  ppo_continuous.py forced into the usual reference configuration
+  ours-2-ranks    the default command as 2 data-parallel ranks: torchrun --standalone --nproc-per-node=2
   sb3-reference   SB3 PPO in that configuration (1 env, 2048-step rollouts, minibatch 64, 10 epochs,
                   64-64 tanh nets, observation + reward normalization, same γ, λ, ε, lr schedule)
   raw-env         gym.make(env) stepped with random actions: the ceiling
@@ -43,20 +44,24 @@ def machine() -> str:
     return f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def run_ours(name: str, env_id: str, steps: int, extra: list[str]) -> dict:
-    """Train in a subprocess; rollout/update seconds come from the run's TensorBoard scalars."""
+def run_ours(name: str, env_id: str, steps: int, extra: list[str], ranks: int = 1) -> dict:
+    """Train in a subprocess; rollout/update seconds come from the run's (rank 0's) TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     exp_name = f"bench-{name}-{int(time.time())}"
-    command = [sys.executable, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", env_id, "--total-timesteps",
-               str(steps), "--exp-name", exp_name, "--eval-episodes", "0", "--no-save-model", *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    command = [sys.executable, *launcher, os.path.join(ROOT, "ppo_continuous.py"), "--env-id", env_id,
+               "--total-timesteps", str(steps), "--exp-name", exp_name, "--eval-episodes", "0", "--no-save-model",
+               *extra]
     subprocess.run(command, cwd=RESULTS, check=True, stdout=subprocess.DEVNULL)
     run_dir = glob.glob(os.path.join(RESULTS, "runs", f"*{exp_name}*"))[0]
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
     total = lambda tag: sum(event.value for event in accumulator.Scalars(tag))  # noqa: E731
     last = accumulator.Scalars("charts/SPS")[-1]  # measured over the training loop, like SB3's learn() below
-    return {"run": name, "command": " ".join(["python ppo_continuous.py", *command[2:]]), "steps": last.step,
+    shown = ["torchrun", *launcher[2:]] if ranks > 1 else ["python"]
+    return {"run": name, "command": " ".join([*shown, "ppo_continuous.py", *command[2 + len(launcher) :]]),
+            "steps": last.step,
             "wall_s": last.step / last.value, "rollout_s": total("charts/rollout_seconds"),
             "update_s": total("charts/update_seconds")}
 
@@ -203,7 +208,8 @@ def main() -> None:
     throughput.add_argument("--steps", type=int, default=1_000_000, help="environment steps per run")
     throughput.add_argument("--short", action="store_true", help="50k steps per run")
     throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
-    throughput.add_argument("--only", nargs="*", default=["ours-default", "ours-reference", "sb3-reference", "raw-env"])
+    throughput.add_argument("--only", nargs="*",
+                            default=["ours-default", "ours-2-ranks", "ours-reference", "sb3-reference", "raw-env"])
     returns = modes.add_parser("returns", help="learning curves and final returns over envs x seeds")
     mujoco_five = ["HalfCheetah-v4", "Hopper-v4", "Walker2d-v4", "Ant-v4", "Humanoid-v4"]
     returns.add_argument("--envs", nargs="+", default=mujoco_five)
@@ -224,6 +230,8 @@ def throughput_mode(args) -> None:
     for name in args.only:
         if name == "ours-default":
             rows.append(run_ours(name, args.env_id, steps, []))
+        elif name == "ours-2-ranks":
+            rows.append(run_ours(name, args.env_id, steps, [], ranks=2))
         elif name == "ours-reference":
             rows.append(run_ours(name, args.env_id, steps, REFERENCE))
         elif name == "sb3-reference":
@@ -235,7 +243,8 @@ def throughput_mode(args) -> None:
 
     by_name = {row["run"]: row for row in rows}
     ratios = []
-    pairs = [("ours-default", "sb3-reference"), ("ours-reference", "sb3-reference"), ("ours-default", "raw-env")]
+    pairs = [("ours-default", "sb3-reference"), ("ours-reference", "sb3-reference"), ("ours-default", "raw-env"),
+             ("ours-2-ranks", "ours-default")]
     for ours, theirs in pairs:
         if ours in by_name and theirs in by_name:
             ratios.append(f"{ours} / {theirs}: {by_name[ours]['sps'] / by_name[theirs]['sps']:.2f}x")
