@@ -1,6 +1,7 @@
 """Proximal Policy Optimization (Schulman et al. 2017) for continuous actions, in one file.
 
     python ppo_continuous.py --env-id HalfCheetah-v4
+    torchrun --standalone --nproc-per-node=2 ppo_continuous.py --total-timesteps 2000000   # 2 data-parallel ranks
 
 The algorithm, in the file's order (validation, evaluation, checkpoints and the command line come after train()):
     for each iteration:                                           in train():

@@ -17,7 +17,8 @@ and writes benchmarks/results/throughput.csv and throughput.md.
 returns: trains the default command for every env x seed, at most two processes at a time, evaluates
 each final checkpoint (10 deterministic episodes), and writes benchmarks/results/returns_curves.csv
 (every training episode), returns.md (final = mean raw return of the last 10 training episodes, and
-the evaluation; mean ± std over seeds) and returns.png (mean learning curve with a ±std band).
+the evaluation; mean ± std over seeds) and returns.png (mean learning curve with a ±std band);
+`--ranks 2` trains each run as 2 torchrun ranks (one run at a time), `--out` renames those files.
 """
 
 import argparse
@@ -122,8 +123,9 @@ def run_raw_env(env_id: str, steps: int) -> dict:
             "rollout_s": wall, "update_s": 0.0}
 
 
-def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> dict:
-    """One returns-mode run: train with the script's defaults (plus `extra`), then evaluate its checkpoint."""
+def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str], ranks: int) -> dict:
+    """One returns-mode run: train with the script's defaults (plus `extra`, on `ranks` torchrun ranks), then
+    evaluate its checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     exp_name = f"returns-{time.time_ns()}"
@@ -131,8 +133,9 @@ def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> 
     train_command = ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(steps), "--eval-episodes", "0",
                      *extra]
     start = time.perf_counter()
-    subprocess.run([sys.executable, script, *train_command, "--exp-name", exp_name], cwd=RESULTS, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+    subprocess.run([sys.executable, *launcher, script, *train_command, "--exp-name", exp_name], cwd=RESULTS,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     run_dir = glob.glob(os.path.join(RESULTS, "runs", f"{env_id}__{exp_name}__{seed}__*"))[0]
     evaluation = subprocess.run([sys.executable, script, "--eval-checkpoint", os.path.join(run_dir, "checkpoint.pt"),
@@ -147,7 +150,8 @@ def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str]) -> 
     print(f"{env_id} seed {seed}: final {final:.1f}, eval {eval_mean:.1f}, {sps:,.0f} steps/s, {wall:.0f} s",
           flush=True)
     return {"env": env_id, "seed": seed, "final": final, "eval": eval_mean, "wall_s": wall, "sps": sps,
-            "episodes": episodes, "command": " ".join(["python ppo_continuous.py", *train_command])}
+            "episodes": episodes, "command": " ".join(["torchrun", *launcher[2:]] if ranks > 1 else ["python"])
+            + " ppo_continuous.py " + " ".join(train_command)}
 
 
 def returns_mode(args) -> None:
@@ -157,17 +161,18 @@ def returns_mode(args) -> None:
     import matplotlib.pyplot as plt
 
     jobs = [(env_id, seed) for env_id in args.envs for seed in args.seeds]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two processes at a time: one per core
-        runs = list(pool.map(lambda job: train_and_evaluate(*job, args.steps, args.extra), jobs))
+    with ThreadPoolExecutor(max_workers=max(1, 2 // args.ranks)) as pool:  # two processes at a time: one per core
+        runs = list(pool.map(lambda job: train_and_evaluate(*job, args.steps, args.extra, args.ranks), jobs))
 
-    with open(os.path.join(RESULTS, "returns_curves.csv"), "w", newline="") as f:
+    with open(os.path.join(RESULTS, f"{args.out}_curves.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["env", "seed", "step", "episodic_return"])
         for run in runs:
             writer.writerows([run["env"], run["seed"], step, value] for step, value in run["episodes"])
 
-    with open(os.path.join(RESULTS, "returns.md"), "w") as f:
-        f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, two runs at a time on {machine()}; "
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(f"{args.steps:,} steps, seeds {' '.join(map(str, args.seeds))}, {args.ranks} rank(s) per run, "
+                f"{max(1, 2 // args.ranks)} run(s) at a time on {machine()}; "
                 f"`{' '.join(['python', *sys.argv])}`\n\n")
         f.write("| env | final (last 10 episodes) | per seed | evaluation (10 episodes, mean action) | steps/s "
                 "| wall-clock per run |\n|---|---:|---|---:|---:|---:|\n")
@@ -197,7 +202,7 @@ def returns_mode(args) -> None:
         axis.fill_between(grid, mean - std, mean + std, alpha=0.3)
         axis.set(title=f"{env_id} ({len(curves)} seeds)", xlabel="environment steps", ylabel="episodic return")
     figure.tight_layout()
-    figure.savefig(os.path.join(RESULTS, "returns.png"), dpi=100)
+    figure.savefig(os.path.join(RESULTS, f"{args.out}.png"), dpi=100)
 
 
 def main() -> None:
@@ -215,6 +220,8 @@ def main() -> None:
     returns.add_argument("--envs", nargs="+", default=mujoco_five)
     returns.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     returns.add_argument("--steps", type=int, default=1_000_000)
+    returns.add_argument("--ranks", type=int, default=1, help="train each run as this many torchrun ranks")
+    returns.add_argument("--out", default="returns", help="results file names: <out>.md, <out>.png, <out>_curves.csv")
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
