@@ -39,7 +39,7 @@ class Args:  # each comment is the option's --help text
     total_timesteps: int = 1_000_000  # environment steps to train for, summed over all sub-environments and ranks
     seed: int = 1  # seed for torch, numpy, random and the environments
     exp_name: str = "ppo_continuous"  # name of the experiment, part of the run directory name
-    cuda: bool = True  # use the GPU when one is available (falls back to the CPU otherwise)
+    cuda: bool = False  # train on the GPU (off by default: these small networks run faster on one CPU core)
     torch_threads: int = 1  # CPU threads for torch; small MLPs run fastest on one
     num_envs: int = 8  # sub-environments stepped together (on each torchrun rank); the policy sees them as one batch
     vector_mode: Literal["sync", "async"] = "sync"  # step the sub-environments in this process, or one subprocess each

@@ -795,6 +795,14 @@ def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path,
     assert scalars(run_dir, "losses/explained_variance") == pytest.approx([expected], rel=1e-5)
 
 
+def test_default_device_is_the_cpu_even_with_a_gpu_visible(monkeypatch):
+    """Bug caught: the default picking a visible GPU, which is slower for these networks (issue #13)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert ppo_continuous.pick_device(Args().cuda) == torch.device("cpu")
+    assert ppo_continuous.pick_device(True) == torch.device("cuda", 3)  # --cuda: the GPU of this torchrun rank
+
+
 def test_progress_line_shows_the_time_left():
     # 4,000 steps left at 100 steps/s = 40 s -> "0:40"; 130,000 left at 1,000 steps/s = 130 s -> "2:10"
     assert progress_line(1_000, 5_000, 100, deque([1.0, 3.0])) == (
