@@ -60,7 +60,7 @@ class Args:  # each comment is the option's --help text
     init_logstd: float = -1.5  # initial log σ of the Gaussian policy (-1.5: σ ≈ 0.22)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
-    lr_kl_target: float | None = None  # adapt the step size to the update's KL: ÷1.5 above 2x this, x1.5 below ½
+    lr_kl_target: float | None = None  # adapt the step size to the update's KL: /1.5 above 2x this, x1.5 below 1/2
     clip_obs: float = 10.0  # clip normalized observations to ±this
     clip_reward: float = 10.0  # clip scaled rewards to ±this
     save_model: bool = True  # write runs/<run>/checkpoint.pt at the end of training (and on SIGINT or SIGTERM)
@@ -112,7 +112,8 @@ class RunningMeanStd:
         self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # tiny prior count: first merge defined
 
     def update(self, batch: np.ndarray) -> None:
-        """Merge this batch (and, under torchrun, every other rank's, in rank order: all ranks end up equal)."""
+        """Merge this batch and, under torchrun, every other rank's, in rank order (a collective: every rank calls it
+        with its own batch, and all end up with the same statistics)."""
         for batch_mean, batch_var, batch_count in all_ranks((batch.mean(axis=0), batch.var(axis=0), batch.shape[0])):
             delta = batch_mean - self.mean
             total = self.count + batch_count
@@ -283,7 +284,7 @@ def ppo_loss(new_logprob, old_logprob, advantages, new_value, old_value, returns
 # Each rank steps its own envs and computes gradients on its share of every minibatch. Ranks start from rank 0's
 # weights and then exchange, every step, what keeps them equal: the mean gradient (all-reduced by hand before
 # clipping, so no DistributedDataParallel wrapper whose .module would skip it), the KL that ends the epochs, the
-# batches' normalization moments, and the stop signal. Without torchrun each function is the identity.
+# batches' normalization moments, and the stop signal. Without torchrun none of them communicates.
 def all_ranks(value) -> list:
     """value from every rank, in rank order (without torchrun, [value])."""
     if not dist.is_initialized():
@@ -294,6 +295,7 @@ def all_ranks(value) -> list:
 
 
 def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The mean over ranks, in place."""
     if dist.is_initialized():
         dist.all_reduce(tensor)  # a sum: gloo has no average
         tensor /= dist.get_world_size()
@@ -328,6 +330,21 @@ def rank_and_world_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def on_rank_0(function, *args):
+    """function(*args) run by rank 0 alone, its result shared with every rank; if it exits with an error (a full
+    disk, say), every rank exits with it instead of waiting for rank 0 in the next exchange."""
+    outcome = None
+    if rank_and_world_size()[0] == 0:
+        try:
+            outcome = function(*args)
+        except SystemExit as error:
+            outcome = error
+    outcome = all_ranks(outcome)[0]
+    if isinstance(outcome, SystemExit):
+        raise outcome
+    return outcome
+
+
 # ---- Training loop: rollout → Â_t → K epochs of minibatch Adam, repeated -----------------------------
 def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]:
     """Train (afresh or on from a checkpoint); return the run directory and the final evaluation's raw returns."""
@@ -336,7 +353,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     batch_size = args.num_envs * args.num_steps  # samples per rollout on each rank
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // (batch_size * world_size)
-    if args.capture_video and rank == 0:
+    if args.capture_video:
         check_rendering(args.env_id)
     random.seed(args.seed + rank)  # ranks draw different noise and shuffles; rank 0 draws what one process would
     np.random.seed(args.seed + rank)
@@ -369,10 +386,10 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
         else:
             torch.manual_seed(args.seed + rank + global_step)
-    run_dir = all_ranks(make_run_dir(args, checkpoint) if rank == 0 else None)[0]
+    run_dir = on_rank_0(make_run_dir, args, checkpoint)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     writer = None
-    if rank == 0:  # purge_step drops what an earlier session logged after the checkpoint's step (that step's stay)
+    if rank == 0:  # purge_step drops what an earlier session logged after the checkpoint's step (its own points stay)
         writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
         table = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", global_step)
@@ -381,16 +398,18 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     recent_returns = deque(maxlen=10)
 
     def save(iteration: int) -> None:
-        if rank == 0:
-            save_checkpoint(checkpoint_path, training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler,
-                                                            global_step, iteration, world_size, lr_scale))
+        state = training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration,
+                               world_size=world_size, lr_scale=lr_scale)
+        on_rank_0(save_checkpoint, checkpoint_path, state)
 
     # SIGINT/SIGTERM are honoured between iterations; blocked while async workers start, so only this process sees them
     stop_signals, envs, stop = [], None, (signal.SIGINT, signal.SIGTERM)
     default_handlers = {sig: signal.signal(sig, lambda signum, _: stop_signals.append(signum)) for sig in stop}
 
-    def agreed_stop() -> int:  # the signal any rank got (0: none), so that all ranks stop after the same iteration
+    def agreed_stop() -> int:
+        """The signal any rank got (0: none): every rank stops after the same iteration."""
         return max(all_ranks(stop_signals[0] if stop_signals else 0))
+
     try:
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # POSIX (Linux, macOS), as are the MuJoCo setups README covers
         envs = make_vector_env(args.env_id, args.num_envs, args.vector_mode)
@@ -404,7 +423,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             rollout_start = time.time()
             rollout, raw_obs, ended = collect_rollout(envs, agent, obs_rms, raw_obs, episodes, args.num_steps,
                                                       args.clip_obs, device)
-            ended = [episode for rank_ended in all_ranks(ended) for episode in rank_ended]
+            ended = sorted(sum(all_ranks(ended), []), key=lambda episode: episode[0])  # every rank's, by step
             step_before, global_step = global_step, global_step + batch_size * world_size
 
             # -- Â_t and R_t by GAE, and log π_old(a_t|s_t) of the whole batch at once -----------------------
@@ -443,8 +462,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     optimizer.step()
                     epoch_stats.append(torch.stack(list(stats.values())))
                 if args.target_kl is not None or args.lr_kl_target is not None:  # the epoch's mean, not a minibatch's
-                    epoch_kl = torch.stack(epoch_stats[-args.num_minibatches :])[:, list(stats).index("approx_kl")]
-                    epoch_kl = mean_over_ranks(epoch_kl.mean()).item()  # every rank stops after the same epoch
+                    kls = torch.stack(epoch_stats[-args.num_minibatches :])[:, list(stats).index("approx_kl")]
+                    epoch_kl = mean_over_ranks(kls.mean()).item()  # every rank stops after the same epoch
                     if args.target_kl is not None and epoch_kl > args.target_kl:
                         break
             if args.lr_kl_target is not None:  # follow the KL of the update's last epoch, never above the schedule
@@ -454,7 +473,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                     lr_scale = min(1.0, lr_scale * 1.5)
 
             # -- Guard, log, checkpoint --------------------------------------------------------------------
-            mean_stats = dict(zip(stats, torch.stack(epoch_stats).mean(0).tolist()))
+            # the update's mean losses, over all ranks: the guard below decides alike on every rank
+            mean_stats = dict(zip(stats, mean_over_ranks(torch.stack(epoch_stats).mean(0)).tolist()))
             guarded = [list(mean_stats.values()), obs_rms.mean, obs_rms.var, reward_scaler.return_rms.var]
             if not (all(np.isfinite(x).all() for x in guarded) and all(p.isfinite().all() for p in parameters)):
                 raise SystemExit(f"error: loss, parameters or statistics became non-finite at iteration {iteration} "
@@ -491,7 +511,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
             if rank == 0:
                 print(f"checkpoint of step {global_step:,} saved to {checkpoint_path}", flush=True)
         if stop_signal:  # exit as the shell reports a process the signal stopped: 128 + its number
-            print(f"stopped by {signal.Signals(stop_signal).name}", flush=True)
+            if rank == 0:
+                print(f"stopped by {signal.Signals(stop_signal).name}", flush=True)
             raise SystemExit(128 + stop_signal)
         for signum, handler in default_handlers.items():  # training is over: a signal from here on stops at once
             signal.signal(signum, handler)
@@ -547,6 +568,9 @@ def validate(args: Args) -> None:
         raise SystemExit(f"error: samples per rollout ({args.num_envs} envs x {args.num_steps} steps = {batch_size}) "
                          f"is not divisible by --num-minibatches {args.num_minibatches}")
     world_size = rank_and_world_size()[1]
+    if args.seed + world_size > 2**32:  # rank r seeds with seed + r
+        raise SystemExit(f"error: --seed {args.seed} leaves no seed for rank {world_size - 1}: must be below "
+                         f"{2**32 - world_size + 1} with {world_size} ranks")
     if args.total_timesteps < batch_size * world_size:
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is less than one rollout "
                          f"({batch_size * world_size}: {world_size} rank(s) x {batch_size})")
@@ -624,7 +648,7 @@ RUNTIME_SETTINGS = {"cuda", "torch_threads", "vector_mode", "save_model", "check
                     "eval_checkpoint", "eval_episodes", "eval_stochastic", "capture_video"}
 
 
-def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration, world_size,
+def training_state(args, run_dir, agent, optimizer, obs_rms, reward_scaler, global_step, iteration, *, world_size,
                    lr_scale) -> dict:
     device = agent.actor_logstd.device
     return {"format": CHECKPOINT_FORMAT, "args": vars(args), "run_dir": run_dir,
@@ -663,7 +687,10 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint  # what checkpoints written before these fields mean
+    # what checkpoints written before these fields existed mean: one process, no adaptive step size
+    checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint
+    if isinstance(checkpoint.get("args"), dict):
+        checkpoint["args"] = {"lr_kl_target": None} | checkpoint["args"]
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
                 if part in checkpoint and key not in checkpoint[part]]
@@ -709,7 +736,11 @@ def resume_args(args: Args, checkpoint: dict, given: set[str]) -> Args:
 def pick_device(cuda: bool) -> torch.device:
     """The GPU of this rank on its node (torchrun's LOCAL_RANK; 0 without it), or the CPU."""
     if cuda and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: --cuda: local rank {local_rank} has no GPU of its own, this node shows "
+                             f"{torch.cuda.device_count()}: start at most that many ranks per node")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 

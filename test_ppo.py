@@ -999,6 +999,21 @@ def test_checkpoint_missing_a_field_is_one_line(pendulum_run, tmp_path):
         load_policy(checkpoint, "Pendulum-v1", torch.device("cpu"))
 
 
+def test_checkpoint_from_before_torchrun_and_lr_kl_target_loads_and_resumes(pendulum_run, tmp_path):
+    """Bug caught: checkpoints written before the world_size, lr_scale and --lr-kl-target fields existed being
+    refused as incomplete. They mean one process and no adaptive step size."""
+    shutil.copytree(pendulum_run[0], tmp_path / "run")
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    checkpoint = load_checkpoint(path)
+    del checkpoint["world_size"], checkpoint["lr_scale"], checkpoint["args"]["lr_kl_target"]
+    checkpoint["run_dir"] = str(tmp_path / "run")
+    torch.save(checkpoint, path)
+    loaded = load_checkpoint(path)
+    assert (loaded["world_size"], loaded["lr_scale"], loaded["args"]["lr_kl_target"]) == (1, 1.0, None)
+    result = run_script("--resume", path, "--total-timesteps", str(checkpoint["global_step"] + 512))
+    assert result.returncode == 0, result.stderr
+
+
 class ImageObservationPendulum(gym.ObservationWrapper):
     def __init__(self, shape=(3, 1)):
         super().__init__(gym.make("Pendulum-v1"))
@@ -1064,10 +1079,11 @@ sys.argv = [ppo.__file__] + sys.argv[1:]
 try:
     ppo.main()
 finally:
-    torch.save({{"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
-                "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
-                "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"]}},
-               f"rank{{os.environ['RANK']}}.pt")
+    if "agent" in seen:  # training began
+        torch.save({{"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
+                    "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
+                    "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"]}},
+                   f"rank{{os.environ['RANK']}}.pt")
 """
 TWO_RANK_RUN = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
                 "--update-epochs", "3", "--norm-adv", "--lr-kl-target", "0.01", "--eval-episodes", "1"]
@@ -1185,6 +1201,16 @@ def test_two_rank_checkpoint_resumes_with_two_ranks_only(two_rank_run, tmp_path)
         "error: the checkpoint was trained by 2 ranks; resume it with as many (torchrun --nproc-per-node), not 1"]
 
 
+def test_an_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
+    """Bug caught: rank 0 exiting on an error only it meets (here: no run directory, as `runs` is a file) while the
+    other ranks wait for it in the next exchange and die of a lost connection, or hang."""
+    (tmp_path / "runs").write_text("")
+    result = finish(torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "512"), timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count("error: cannot create run directory runs/Pendulum-v1__") == 2  # each rank's line
+    assert "Connection closed" not in result.stderr and "[rank" not in result.stderr  # no rank's traceback
+
+
 def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path):
     """Bug caught: each rank honouring a signal on its own, so a rank that saw it leaves while the other waits in
     the next exchange (a hang), or every rank writing the checkpoint."""
@@ -1196,7 +1222,7 @@ def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path):
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: torchrun and both ranks
     result = finish(process, timeout=60)
     stdout, stderr = result.stdout, result.stderr
-    assert stdout.count("stopped by SIGINT") == 2 and stdout.count("checkpoint of step") == 1, stderr
+    assert stdout.count("stopped by SIGINT") == 1 and stdout.count("checkpoint of step") == 1, stderr  # rank 0
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
     assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 2 * 64 > 0
     assert_ranks_hold_one_policy(tmp_path)
