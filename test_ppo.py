@@ -1098,13 +1098,24 @@ def torchrun(tmp_path, script: str, *cli_args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def children(parent: int) -> list[int]:
+    """The child processes of parent (torchrun starts its ranks in sessions of their own)."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(Path(stat).read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(Path(stat).parent.name))
+    return pids
+
+
 def finish(process: subprocess.Popen, timeout: float = 90) -> subprocess.CompletedProcess:
     """Wait for a torchrun; whatever happens (a hang, say), leave none of its processes behind."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        for pid in [*children(process.pid), process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
@@ -1211,18 +1222,31 @@ def test_an_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
     assert "Connection closed" not in result.stderr and "[rank" not in result.stderr  # no rank's traceback
 
 
-def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path):
+def rank_pid(launcher: int, rank: int) -> int:
+    for pid in children(launcher):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no process of rank {rank}")
+
+
+@pytest.mark.parametrize("signum, to", [(signal.SIGINT, "group"), (signal.SIGTERM, "rank 1")])
+def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path, signum, to):
     """Bug caught: each rank honouring a signal on its own, so a rank that saw it leaves while the other waits in
-    the next exchange (a hang), or every rank writing the checkpoint."""
+    the next exchange, or every rank writing the checkpoint. Ctrl-C reaches torchrun and both ranks; a signal sent
+    to one rank (kill <pid>) must stop the other too."""
     process = torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "100000000")
     deadline = time.time() + 60
     while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: torchrun and both ranks
+    if to == "group":
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(rank_pid(process.pid, 1), signum)
     result = finish(process, timeout=60)
-    stdout, stderr = result.stdout, result.stderr
-    assert stdout.count("stopped by SIGINT") == 1 and stdout.count("checkpoint of step") == 1, stderr  # rank 0
+    assert result.stdout.count(f"stopped by {signal.Signals(signum).name}") == 1, result.stderr  # printed by rank 0
+    assert result.stdout.count("checkpoint of step") == 1 and "[rank" not in result.stderr
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
     assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 2 * 64 > 0
     assert_ranks_hold_one_policy(tmp_path)
