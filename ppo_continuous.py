@@ -48,7 +48,7 @@ class Args:  # each comment is the option's --help text
     learning_rate: float = 2e-3  # Adam step size at the start of training
     anneal_lr: bool = True  # decay the learning rate linearly to zero at --total-timesteps
     gamma: float = 0.99  # discount factor γ
-    gae_lambda: float = 0.95  # GAE λ: 0 gives the one-step TD error, 1 the Monte-Carlo return minus V
+    gae_lambda: float = 0.92  # GAE λ: 0 gives the one-step TD error, 1 the Monte-Carlo return minus V
     num_minibatches: int = 4  # minibatches per rollout (4 of 512 samples: few, large Adam steps are fast on a CPU)
     update_epochs: int = 15  # passes K over each rollout (15: the tight clip range leaves room for more passes)
     norm_adv: bool = False  # normalize advantages within each minibatch
