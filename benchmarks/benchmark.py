@@ -19,6 +19,10 @@ each final checkpoint (10 deterministic episodes), and writes benchmarks/results
 (every training episode), returns.md (final = mean raw return of the last 10 training episodes, and
 the evaluation; mean ± std over seeds) and returns.png (mean learning curve with a ±std band);
 `--ranks 2` trains each run as 2 torchrun ranks (one run at a time), `--out` renames those files.
+
+exchange: times the one all-reduce that data-parallel training makes per Adam step (the gradient of the
+default HalfCheetah networks) between `--ranks` gloo ranks under torchrun, idle and with a matrix
+product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md.
 """
 
 import argparse
@@ -223,12 +227,50 @@ def main() -> None:
     returns.add_argument("--ranks", type=int, default=1, help="train each run as this many torchrun ranks")
     returns.add_argument("--out", default="returns", help="results file names: <out>.md, <out>.png, <out>_curves.csv")
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
+    exchange = modes.add_parser("exchange", help="time of one gradient all-reduce between torchrun ranks")
+    exchange.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.mode == "returns":
         returns_mode(args)
+    elif args.mode == "exchange":
+        exchange_mode(args)
     else:
         throughput_mode(args)
+
+
+def exchange_mode(args) -> None:
+    if "RANK" not in os.environ:  # start this mode again, as torchrun's ranks
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
+                        os.path.abspath(__file__), "exchange", "--ranks", str(args.ranks)], check=True)
+        print(open(os.path.join(RESULTS, "exchange.md")).read())
+        return
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, ROOT)
+    from ppo_continuous import Agent
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    gradient = torch.cat([p.detach().reshape(-1) for p in Agent(17, 6).parameters()])  # HalfCheetah: 17 obs, 6 actions
+    work = torch.randn(256, 256)
+    timings = {}
+    for name, products in (("idle", 0), ("with compute between", 20)):
+        seconds = 0.0
+        for step in range(600):
+            for _ in range(products):
+                work @ work
+            start = time.perf_counter()
+            dist.all_reduce(gradient)
+            seconds += (time.perf_counter() - start) if step >= 100 else 0.0  # the first 100: warm-up
+        timings[name] = seconds / 500
+    if dist.get_rank() == 0:
+        with open(os.path.join(RESULTS, "exchange.md"), "w") as f:
+            f.write(f"One all-reduce of {gradient.numel():,} float32 (the default HalfCheetah networks' gradient) "
+                    f"between {args.ranks} gloo ranks on {machine()}; `python benchmarks/benchmark.py exchange`: "
+                    + ", ".join(f"{name} {seconds * 1e6:,.0f} µs" for name, seconds in timings.items()) + "\n")
+    dist.destroy_process_group()
 
 
 def throughput_mode(args) -> None:
