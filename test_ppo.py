@@ -798,6 +798,7 @@ def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path,
 def test_default_device_is_the_cpu_even_with_a_gpu_visible(monkeypatch):
     """Bug caught: the default picking a visible GPU, which is slower for these networks (issue #13)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert ppo_continuous.pick_device(Args().cuda) == torch.device("cpu")
     assert ppo_continuous.pick_device(True) == torch.device("cuda", 3)  # --cuda: the GPU of this torchrun rank
