@@ -481,7 +481,7 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
                                  f"(step {global_step}); {kept(checkpoint_path)}")
             now = time.time()
             sps = int((global_step - start_step) / (now - start_time))
-            if rank == 0:  # rank 0 logs for all: the episodes above are every rank's, the losses its own
+            if rank == 0:  # rank 0 logs for all: every rank's episodes, the losses averaged over ranks
                 for step, episode_return, episode_length in ended:
                     episode_end = step_before + (step + 1) * args.num_envs * world_size
                     writer.add_scalar("charts/episodic_return", episode_return, episode_end)

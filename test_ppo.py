@@ -1158,7 +1158,8 @@ def test_ranks_combine_their_shares_as_one_batch_by_hand(tmp_path):
     assert result.returncode == 0, result.stderr
     rank0, rank1 = (json.loads((tmp_path / f"math{rank}.json").read_text()) for rank in (0, 1))
     assert rank0 == rank1
-    # mean of [1, 2, 3, 5] = 11/4 = 2.75; squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75; / (4-1) → √2.9167
+    # mean of [1, 2, 3, 5] = 11/4 = 2.75; squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75;
+    # std = sqrt(8.75 / (4-1)) = sqrt(2.9167)
     assert rank0["mean"] == 2.75 and rank0["std"] == pytest.approx(math.sqrt(8.75 / 3), rel=1e-6)
     assert rank0["grad"] == [2.0, 1.0]  # ([1, -2] + [3, 4]) / 2
     assert rank0["kl"] == pytest.approx(0.02)  # (0.01 + 0.03) / 2
