@@ -331,12 +331,9 @@ def test_training_feeds_gae_the_time_limit_end(tmp_path, monkeypatch):
     assert final_values[199, 0] != values[200, 0]
 
 
-def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path, monkeypatch):
-    """Pendulum's torque bound is ±2; with σ = e ≈ 2.7 many samples fall outside it. The env must receive
-    clip(a_t), while the batch scored for log π_old holds the unclipped a_t, in step order."""
-    monkeypatch.chdir(tmp_path)
-    sent, scored = [], []
-    make_envs = ppo_continuous.make_vector_env
+def record_actions_sent(monkeypatch) -> list:
+    """Every batch of actions the training envs receive, appended to the list returned, as training runs."""
+    sent, make_envs = [], ppo_continuous.make_vector_env
 
     def recording_envs(*args):
         envs = make_envs(*args)
@@ -344,13 +341,21 @@ def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path,
         envs.step = lambda actions: (sent.append(actions.copy()), step(actions))[1]
         return envs
 
+    monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
+    return sent
+
+
+def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path, monkeypatch):
+    """Pendulum's torque bound is ±2; with σ = e ≈ 2.7 many samples fall outside it. The env must receive
+    clip(a_t), while the batch scored for log π_old holds the unclipped a_t, in step order."""
+    monkeypatch.chdir(tmp_path)
+    sent, scored = record_actions_sent(monkeypatch), []
     log_prob = Agent.log_prob
 
     def recording_log_prob(agent, obs, actions):
         scored.append(actions.clone())
         return log_prob(agent, obs, actions)
 
-    monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
     monkeypatch.setattr(Agent, "log_prob", recording_log_prob)
     train(Args(env_id="Pendulum-v1", total_timesteps=256, init_logstd=1.0, eval_episodes=0, save_model=False, **SMALL))
     stored = scored[0].cpu().numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
@@ -802,6 +807,35 @@ def test_default_device_is_the_cpu_even_with_a_gpu_visible(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert ppo_continuous.pick_device(Args().cuda) == torch.device("cpu")
     assert ppo_continuous.pick_device(True) == torch.device("cuda", 3)  # --cuda: the GPU of this torchrun rank
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (issue #13's check on a GPU machine)")
+def test_cuda_run_samples_fresh_noise_and_its_checkpoint_evaluates_and_resumes_on_either_device(tmp_path, monkeypatch):
+    """Bugs caught: a CUDA tensor handed to NumPy, the same noise drawn every step, a checkpoint that only a GPU can
+    read or resume, --eval-checkpoint ignoring --cuda, and a CPU run starting CUDA (as saving every GPU's RNG did)."""
+    monkeypatch.chdir(tmp_path)
+    sent = record_actions_sent(monkeypatch)
+    run_dir, eval_returns = train(Args(env_id="Pendulum-v1", total_timesteps=512, cuda=True, eval_episodes=2, **SMALL))
+    sent = np.concatenate(sent)
+    assert len(np.unique(sent)) == sent.size  # 512 steps, every action different: the noise is drawn anew each step
+    checkpoint_path = f"{run_dir}/checkpoint.pt"
+    on_gpu = run_script("--eval-checkpoint", checkpoint_path, "--eval-episodes", "2", "--cuda")
+    # the same device and kernels: the very returns of the in-memory evaluation
+    assert f"return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over 2 episodes" in on_gpu.stdout
+    # across devices float32 results differ in the last bits (other kernels, other summation order): 1e-5 absolute
+    checkpoint = load_checkpoint(checkpoint_path)
+    obs = torch.randn(64, 3)
+    cpu_agent, _ = load_policy(checkpoint, "Pendulum-v1", torch.device("cpu"))
+    gpu_agent, _ = load_policy(checkpoint, "Pendulum-v1", torch.device("cuda"))
+    torch.testing.assert_close(gpu_agent.actor_mean(obs.cuda()).cpu(), cpu_agent.actor_mean(obs), atol=1e-5, rtol=0)
+    resumed = run_script("--resume", checkpoint_path, "--total-timesteps", "1024", "--no-cuda", "--eval-episodes", "0")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(checkpoint_path)["cuda_rng"] == []  # saved by the CPU run
+    cpu_run = subprocess.run([sys.executable, "-c", "import torch, ppo_continuous as p; p.train(p.Args("
+                              "env_id='Pendulum-v1', total_timesteps=256, num_envs=2, num_steps=128, eval_episodes=0));"
+                              "print(torch.cuda.is_initialized())"], capture_output=True, text=True,
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.path.dirname(SCRIPT)})
+    assert cpu_run.stdout.split()[-1] == "False", cpu_run.stderr
 
 
 def test_progress_line_shows_the_time_left():

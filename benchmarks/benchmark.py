@@ -9,6 +9,7 @@ throughput: runs one after the other on this machine (never side by side, so the
   ours-default    python ppo_continuous.py with its defaults
   ours-reference  ppo_continuous.py forced into the usual reference configuration
   ours-2-ranks    the default command as 2 data-parallel ranks: torchrun --standalone --nproc-per-node=2
+  ours-cuda       the default command with --cuda (on a machine with a GPU only, and then by default)
   sb3-reference   SB3 PPO in that configuration (1 env, 2048-step rollouts, minibatch 64, 10 epochs,
                   64-64 tanh nets, observation + reward normalization, same γ, λ, ε, lr schedule)
   raw-env         gym.make(env) stepped with random actions: the ceiling
@@ -44,9 +45,19 @@ REFERENCE = ["--num-envs", "1", "--num-steps", "2048", "--num-minibatches", "32"
 
 
 def machine() -> str:
-    """The CPU model and core count: per-seed returns are reproducible only on the same CPU type."""
+    """The CPU model and core count (per-seed returns are reproducible only on the same CPU type), and any GPU."""
+    import torch
+
     models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    return f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = f"{models[0] if models else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{cpu}, {' + '.join(gpus) if gpus else 'no GPU'}, torch {torch.__version__}"
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def run_ours(name: str, env_id: str, steps: int, extra: list[str], ranks: int = 1) -> dict:
@@ -217,8 +228,9 @@ def main() -> None:
     throughput.add_argument("--steps", type=int, default=1_000_000, help="environment steps per run")
     throughput.add_argument("--short", action="store_true", help="50k steps per run")
     throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
-    throughput.add_argument("--only", nargs="*",
-                            default=["ours-default", "ours-2-ranks", "ours-reference", "sb3-reference", "raw-env"])
+    runs = ["ours-default", "ours-2-ranks", "ours-reference", "sb3-reference", "raw-env"]
+    throughput.add_argument("--only", nargs="*", default=runs + ["ours-cuda"] * has_gpu(), help=" ".join(runs)
+                            + " ours-cuda (default: all that this machine can run)")
     returns = modes.add_parser("returns", help="learning curves and final returns over envs x seeds")
     mujoco_five = ["HalfCheetah-v4", "Hopper-v4", "Walker2d-v4", "Ant-v4", "Humanoid-v4"]
     returns.add_argument("--envs", nargs="+", default=mujoco_five)
@@ -279,6 +291,8 @@ def throughput_mode(args) -> None:
     for name in args.only:
         if name == "ours-default":
             rows.append(run_ours(name, args.env_id, steps, []))
+        elif name == "ours-cuda":
+            rows.append(run_ours(name, args.env_id, steps, ["--cuda"]))
         elif name == "ours-2-ranks":
             rows.append(run_ours(name, args.env_id, steps, [], ranks=2))
         elif name == "ours-reference":
@@ -293,7 +307,7 @@ def throughput_mode(args) -> None:
     by_name = {row["run"]: row for row in rows}
     ratios = []
     pairs = [("ours-default", "sb3-reference"), ("ours-reference", "sb3-reference"), ("ours-default", "raw-env"),
-             ("ours-2-ranks", "ours-default")]
+             ("ours-2-ranks", "ours-default"), ("ours-cuda", "ours-default")]
     for ours, theirs in pairs:
         if ours in by_name and theirs in by_name:
             ratios.append(f"{ours} / {theirs}: {by_name[ours]['sps'] / by_name[theirs]['sps']:.2f}x")
