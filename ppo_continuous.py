@@ -55,6 +55,7 @@ class Args:  # each comment is the option's --help text
     clip_coef: float = 0.1  # clip range ε of the ratio r_t(θ) (0.1: at this step size 0.2 lets the policy overshoot)
     clip_vloss: bool = False  # also clip the value prediction to ±ε around the old value
     ent_coef: float = 0.0  # weight c2 of the entropy bonus S
+    anneal_ent_coef: bool = True  # decay c2 linearly to zero at --total-timesteps: explore early, act sure late
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.5  # initial log σ of the Gaussian policy (-1.5: σ ≈ 0.22)
@@ -418,8 +419,9 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
         raw_obs, _ = envs.reset(seed=args.seed + rank * args.num_envs + global_step)
         start_step, start_time, last_print, iteration = global_step, time.time(), 0.0, start_iteration - 1
         for iteration in range(start_iteration, num_iterations + 1):
-            schedule = 1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0
-            optimizer.param_groups[0]["lr"] = lr_scale * args.learning_rate * schedule
+            remaining = 1.0 - (iteration - 1.0) / num_iterations  # the share of training still ahead
+            optimizer.param_groups[0]["lr"] = lr_scale * args.learning_rate * (remaining if args.anneal_lr else 1.0)
+            coefficients["ent_coef"] = args.ent_coef * (remaining if args.anneal_ent_coef else 1.0)
             rollout_start = time.time()
             rollout, raw_obs, ended = collect_rollout(envs, agent, obs_rms, raw_obs, episodes, args.num_steps,
                                                       args.clip_obs, device)
@@ -687,10 +689,10 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({type(error).__name__})")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    # what checkpoints written before these fields existed mean: one process, no adaptive step size
+    # what checkpoints written before these fields existed mean: one process, no adaptive step size, a constant c2
     checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint
     if isinstance(checkpoint.get("args"), dict):
-        checkpoint["args"] = {"lr_kl_target": None} | checkpoint["args"]
+        checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False} | checkpoint["args"]
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
                 if part in checkpoint and key not in checkpoint[part]]
