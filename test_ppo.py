@@ -790,6 +790,21 @@ def test_lr_kl_target_divides_or_multiplies_the_step_size_by_1_5_and_the_schedul
     assert scalars(run_dir, "charts/learning_rate")[-1] == pytest.approx(2e-3 / 7 / 1.5, rel=1e-6)
 
 
+@pytest.mark.parametrize("anneal", [True, False])
+def test_entropy_weight_decays_linearly_to_zero_only_with_anneal_ent_coef(tmp_path, monkeypatch, anneal):
+    """Bug caught: c2 left constant (or decayed although --no-anneal-ent-coef), or following the step size's schedule
+    (here the opposite setting) instead of its own. 4 iterations of c2 = 0.01: iteration k of K = 4 uses
+    0.01 x (1 - (k-1)/4) = 0.01, 0.0075, 0.005, 0.0025, in every minibatch of its update (2 epochs x 4)."""
+    monkeypatch.chdir(tmp_path)
+    used = []
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", lambda *inputs, **coefficients: (
+        used.append(coefficients["ent_coef"]), ppo_loss(*inputs, **coefficients))[1])
+    train(Args(env_id="Pendulum-v1", total_timesteps=4 * 256, eval_episodes=0, save_model=False, ent_coef=0.01,
+               anneal_ent_coef=anneal, anneal_lr=not anneal, **SMALL))
+    per_update = [0.01, 0.0075, 0.005, 0.0025] if anneal else [0.01] * 4
+    assert used == pytest.approx([c for c in per_update for _ in range(8)], rel=1e-12)
+
+
 def test_logged_explained_variance_is_one_minus_unexplained_over_total(tmp_path, monkeypatch):
     """explained variance = 1 - Var(R - V) / Var(R), and R - V = Â, so 1 - Var(Â) / Var(R) of the update's batch."""
     monkeypatch.chdir(tmp_path)

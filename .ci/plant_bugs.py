@@ -4,7 +4,7 @@
     python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
 
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
-R1-R14 issue #10's (by item number), K and L issue #11's, D issue #12's (data parallel), F a formula's.
+R1-R14 issue #10's (by item number), K, L and E issue #11's, D issue #12's (data parallel), F a formula's.
 """
 
 import os
@@ -95,6 +95,12 @@ KINDS = [
      "test_disk_full"),
     ("R9 negative --vf-coef accepted", '(("vf_coef", "ent_coef"), lambda v: 0 <= v < np.inf',
      '(("ent_coef",), lambda v: 0 <= v < np.inf', "test_every_numeric_option_is_checked_against_its_domain"),
+    ("E1 entropy weight never decays", "args.ent_coef * (remaining if args.anneal_ent_coef else 1.0)",
+     "args.ent_coef", "test_entropy_weight_decays_linearly_to_zero_only_with_anneal_ent_coef"),
+    ("E2 entropy weight decays on the step-size clock",
+     "args.ent_coef * (remaining if args.anneal_ent_coef else 1.0)",
+     'args.ent_coef * optimizer.param_groups[0]["lr"] / args.learning_rate',
+     "test_entropy_weight_decays_linearly_to_zero_only_with_anneal_ent_coef"),
     ("R10 env errors as tracebacks", "    except Exception as error:  # unknown ids, missing packages",
      "    except gym.error.Error as error:  # unknown ids, missing packages",
      "test_any_failure_to_make_the_environment_is_one_line"),
