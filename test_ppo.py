@@ -1050,16 +1050,19 @@ def test_checkpoint_missing_a_field_is_one_line(pendulum_run, tmp_path):
 
 
 def test_checkpoint_from_before_torchrun_and_lr_kl_target_loads_and_resumes(pendulum_run, tmp_path):
-    """Bug caught: checkpoints written before the world_size, lr_scale and --lr-kl-target fields existed being
-    refused as incomplete. They mean one process and no adaptive step size."""
+    """Bug caught: checkpoints written before the world_size, lr_scale, --lr-kl-target and --anneal-ent-coef fields
+    existed being refused as incomplete, or resumed with a decaying c2. They mean one process, no adaptive step size
+    and a constant c2."""
     shutil.copytree(pendulum_run[0], tmp_path / "run")
     path = str(tmp_path / "run" / "checkpoint.pt")
     checkpoint = load_checkpoint(path)
     del checkpoint["world_size"], checkpoint["lr_scale"], checkpoint["args"]["lr_kl_target"]
+    del checkpoint["args"]["anneal_ent_coef"]
     checkpoint["run_dir"] = str(tmp_path / "run")
     torch.save(checkpoint, path)
     loaded = load_checkpoint(path)
     assert (loaded["world_size"], loaded["lr_scale"], loaded["args"]["lr_kl_target"]) == (1, 1.0, None)
+    assert loaded["args"]["anneal_ent_coef"] is False
     result = run_script("--resume", path, "--total-timesteps", str(checkpoint["global_step"] + 512))
     assert result.returncode == 0, result.stderr
 
