@@ -13,7 +13,7 @@ throughput: runs one after the other on this machine (never side by side, so the
   sb3-reference   SB3 PPO in that configuration (1 env, 2048-step rollouts, minibatch 64, 10 epochs,
                   64-64 tanh nets, observation + reward normalization, same γ, λ, ε, lr schedule)
   raw-env         gym.make(env) stepped with random actions: the ceiling
-and writes benchmarks/results/throughput.csv and throughput.md.
+and writes benchmarks/results/throughput.csv and throughput.md (`--out` renames them).
 
 returns: trains the default command for every env x seed, at most two processes at a time, evaluates
 each final checkpoint (10 deterministic episodes), and writes benchmarks/results/returns_curves.csv
@@ -228,6 +228,7 @@ def main() -> None:
     throughput.add_argument("--steps", type=int, default=1_000_000, help="environment steps per run")
     throughput.add_argument("--short", action="store_true", help="50k steps per run")
     throughput.add_argument("--sb3-threads", type=int, default=1, help="torch threads for SB3")
+    throughput.add_argument("--out", default="throughput", help="results file names: <out>.md, <out>.csv")
     runs = ["ours-default", "ours-2-ranks", "ours-reference", "sb3-reference", "raw-env"]
     throughput.add_argument("--only", nargs="*", default=runs + ["ours-cuda"] * has_gpu(), help=" ".join(runs)
                             + " ours-cuda (default: all that this machine can run)")
@@ -314,11 +315,11 @@ def throughput_mode(args) -> None:
     print("\n".join(ratios))
 
     fields = ["run", "steps", "wall_s", "sps", "rollout_s", "update_s", "command"]
-    with open(os.path.join(RESULTS, "throughput.csv"), "w", newline="") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: row[k] for k in fields} for row in rows)
-    with open(os.path.join(RESULTS, "throughput.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
         f.write(f"{args.env_id}, {steps:,} steps per run, {machine()}, Python {platform.python_version()}; "
                 f"`{' '.join(['python', *sys.argv])}`\n\n")
         f.write("| run | steps/s | wall-clock s | rollout s | update s |\n|---|---:|---:|---:|---:|\n")
