@@ -798,8 +798,8 @@ def test_entropy_weight_decays_linearly_to_zero_only_with_anneal_ent_coef(tmp_pa
     0.01 x (1 - (k-1)/4) = 0.01, 0.0075, 0.005, 0.0025, in every minibatch of its update (2 epochs x 4)."""
     monkeypatch.chdir(tmp_path)
     used = []
-    monkeypatch.setattr(ppo_continuous, "ppo_loss", lambda *inputs, **coefficients: (
-        used.append(coefficients["ent_coef"]), ppo_loss(*inputs, **coefficients))[1])
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", lambda *inputs, **coefficients:
+                        used.append(coefficients["ent_coef"]) or ppo_loss(*inputs, **coefficients))
     train(Args(env_id="Pendulum-v1", total_timesteps=4 * 256, eval_episodes=0, save_model=False, ent_coef=0.01,
                anneal_ent_coef=anneal, anneal_lr=not anneal, **SMALL))
     per_update = [0.01, 0.0075, 0.005, 0.0025] if anneal else [0.01] * 4
