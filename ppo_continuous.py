@@ -58,7 +58,7 @@ class Args:  # each comment is the option's --help text
     anneal_ent_coef: bool = True  # decay c2 linearly to zero at --total-timesteps: explore early, act surely late
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
-    init_logstd: float = -1.5  # initial log σ of the Gaussian policy (-1.5: σ ≈ 0.22)
+    init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
     lr_kl_target: float | None = None  # adapt the step size to the update's KL: /1.5 above 2x this, x1.5 below 1/2
@@ -167,7 +167,7 @@ def mlp(in_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
 class Agent(nn.Module):
     """The actor-critic in one piece: act, score an action, entropy, value."""
 
-    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = -1.5):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = -1.0):
         super().__init__()
         self.critic = mlp(obs_dim, 1, out_gain=1.0)
         self.actor_mean = mlp(obs_dim, action_dim, out_gain=0.01)  # μ starts near 0: σ, not chance weights, drives it
