@@ -167,7 +167,7 @@ def mlp(in_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
 class Agent(nn.Module):
     """The actor-critic in one piece: act, score an action, entropy, value."""
 
-    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = -1.0):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = Args.init_logstd):
         super().__init__()
         self.critic = mlp(obs_dim, 1, out_gain=1.0)
         self.actor_mean = mlp(obs_dim, action_dim, out_gain=0.01)  # μ starts near 0: σ, not chance weights, drives it
