@@ -54,11 +54,12 @@ class Args:  # each comment is the option's --help text
     norm_adv: bool = False  # normalize advantages within each minibatch
     clip_coef: float = 0.1  # clip range ε of the ratio r_t(θ) (0.1: at this step size 0.2 lets the policy overshoot)
     clip_vloss: bool = False  # also clip the value prediction to ±ε around the old value
-    ent_coef: float = 3e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
+    ent_coef: float = 1e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
     anneal_ent_coef: bool = True  # decay c2 linearly to zero at --total-timesteps: explore early, act surely late
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
+    critic_width: int = 256  # units in each of the critic's two hidden layers (the actor's are 64 wide)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
     lr_kl_target: float | None = None  # adapt the step size to the update's KL: /1.5 above 2x this, x1.5 below 1/2
@@ -154,10 +155,10 @@ class RewardScaler:
 
 
 # ---- Actor-critic: π_θ(a|s) = N(μ_θ(s), diag σ²) and V_φ(s) ------------------------------------------
-def mlp(in_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
-    """in → 64 → 64 → out with tanh; orthogonal weights (gain √2, out_gain on the last layer), zero biases."""
+def mlp(in_dim: int, out_dim: int, out_gain: float, width: int = 64) -> nn.Sequential:
+    """in → width → width → out with tanh; orthogonal weights (gain √2, out_gain on the last layer), zero biases."""
     layers = []
-    for n_in, n_out, gain in ((in_dim, 64, np.sqrt(2)), (64, 64, np.sqrt(2)), (64, out_dim, out_gain)):
+    for n_in, n_out, gain in ((in_dim, width, np.sqrt(2)), (width, width, np.sqrt(2)), (width, out_dim, out_gain)):
         layers += [nn.Linear(n_in, n_out), nn.Tanh()]
         nn.init.orthogonal_(layers[-2].weight, gain)
         nn.init.constant_(layers[-2].bias, 0.0)
@@ -167,9 +168,10 @@ def mlp(in_dim: int, out_dim: int, out_gain: float) -> nn.Sequential:
 class Agent(nn.Module):
     """The actor-critic in one piece: act, score an action, entropy, value."""
 
-    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = Args.init_logstd):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd: float = Args.init_logstd,
+                 critic_width: int = Args.critic_width):
         super().__init__()
-        self.critic = mlp(obs_dim, 1, out_gain=1.0)
+        self.critic = mlp(obs_dim, 1, out_gain=1.0, width=critic_width)
         self.actor_mean = mlp(obs_dim, action_dim, out_gain=0.01)  # μ starts near 0: σ, not chance weights, drives it
         self.actor_logstd = nn.Parameter(torch.full((action_dim,), float(init_logstd)))  # log σ, not a function of s
 
@@ -362,7 +364,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
     torch.set_num_threads(args.torch_threads)
     device = pick_device(args.cuda)
     obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id))
-    agent, obs_rms = Agent(obs_dim, action_dim, args.init_logstd).to(device), RunningMeanStd((obs_dim,))
+    agent = Agent(obs_dim, action_dim, args.init_logstd, args.critic_width).to(device)
+    obs_rms = RunningMeanStd((obs_dim,))
     if checkpoint is not None:
         agent, obs_rms = load_policy(checkpoint, args.env_id, device)
     parameters = list(agent.parameters())
@@ -540,7 +543,8 @@ def train(args: Args, checkpoint: dict | None = None) -> tuple[str, list[float]]
 
 # ---- Around the algorithm: validation, guards, evaluation, checkpoints, resume, command line ----------------
 RULES = [  # the domain of every numeric option (a comparison with NaN is False, so NaN fails every rule)
-    (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads"),
+    (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads",
+      "critic_width"),
      lambda v: v > 0, "must be positive"),
     (("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward", "target_kl", "lr_kl_target"),
      lambda v: v is None or 0 < v < np.inf, "must be positive and finite"),
@@ -690,9 +694,10 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     # what checkpoints written before these fields existed mean: one process, no adaptive step size, a constant c2
+    # and a 64-wide critic
     checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint
     if isinstance(checkpoint.get("args"), dict):
-        checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False} | checkpoint["args"]
+        checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False, "critic_width": 64} | checkpoint["args"]
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
                 if part in checkpoint and key not in checkpoint[part]]
@@ -711,7 +716,7 @@ def load_policy(checkpoint: dict, env_id: str, device: torch.device) -> tuple[Ag
     if (obs_dim, action_dim) != (checkpoint["obs_dim"], checkpoint["action_dim"]):
         raise SystemExit(f"error: checkpoint was trained with {checkpoint['obs_dim']} observations and "
                          f"{checkpoint['action_dim']} actions, but {env_id} has {obs_dim} and {action_dim}")
-    agent = Agent(obs_dim, action_dim).to(device)
+    agent = Agent(obs_dim, action_dim, critic_width=checkpoint["args"]["critic_width"]).to(device)
     try:
         agent.load_state_dict(checkpoint["agent"])
     except RuntimeError as error:  # missing, unexpected or misshapen weights

@@ -4,7 +4,7 @@
     python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
 
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
-R1-R14 issue #10's (by item number), K, L and E issue #11's, D issue #12's (data parallel), F a formula's.
+R1-R14 issue #10's (by item number), K, L, E and W issue #11's, D issue #12's (data parallel), F a formula's.
 """
 
 import os
@@ -71,9 +71,10 @@ KINDS = [
      "run_dir = all_ranks(make_run_dir(args, checkpoint) if rank == 0 else None)[0]",
      "test_an_error_on_rank_0_stops_every_rank"),
     ("M1 old checkpoints refused",
-     'checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False} | checkpoint["args"]', "pass",
+     'checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False, "critic_width": 64} | checkpoint["args"]',
+     "pass",
      "test_checkpoint_from_before_torchrun"),
-    ("M2 old checkpoints resume with a decaying c2", '"anneal_ent_coef": False}', '"anneal_ent_coef": True}',
+    ("M2 old checkpoints resume with a decaying c2", '"anneal_ent_coef": False,', '"anneal_ent_coef": True,',
      "test_checkpoint_from_before_torchrun"),
     ("F explained variance inverted", "1 - var_errors / var_returns", "var_errors / var_returns",
      "test_logged_explained_variance"),
@@ -111,6 +112,17 @@ KINDS = [
      'env = make_env(env_id, render_mode="rgb_array") if video_dir else make_env(env_id)',
      'env = make_env(env_id, render_mode="rgb_array" if video_dir else None)',
      "test_env_without_render_mode_argument"),
+    ("W1 critic width ignored in training", "Agent(obs_dim, action_dim, args.init_logstd, args.critic_width)",
+     "Agent(obs_dim, action_dim, args.init_logstd)", "test_critic_width"),
+    ("W2 critic width widens the actor too", "self.actor_mean = mlp(obs_dim, action_dim, out_gain=0.01)",
+     "self.actor_mean = mlp(obs_dim, action_dim, out_gain=0.01, width=critic_width)", "test_critic_width"),
+    ("W3 critic width forgotten by a checkpoint",
+     'Agent(obs_dim, action_dim, critic_width=checkpoint["args"]["critic_width"])', "Agent(obs_dim, action_dim)",
+     "test_critic_width"),
+    ("W4 old checkpoints get today's critic width", '"critic_width": 64}', '"critic_width": Args.critic_width}',
+     "test_checkpoint_from_before_torchrun"),
+    ("W5 zero critic width accepted", '"torch_threads",\n      "critic_width"),', '"torch_threads"),',
+     "test_every_numeric_option_is_checked_against_its_domain"),
 ]
 
 
