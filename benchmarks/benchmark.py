@@ -41,7 +41,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-REFERENCE = ["--num-envs", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10"]
+REFERENCE = ["--num-envs", "1", "--num-steps", "2048", "--num-minibatches", "32", "--update-epochs", "10",
+             "--critic-width", "64"]  # SB3's MlpPolicy: 64-64 actor and critic
 
 
 def machine() -> str:
