@@ -54,12 +54,12 @@ class Args:  # each comment is the option's --help text
     norm_adv: bool = False  # normalize advantages within each minibatch
     clip_coef: float = 0.1  # clip range ε of the ratio r_t(θ) (0.1: at this step size 0.2 lets the policy overshoot)
     clip_vloss: bool = False  # also clip the value prediction to ±ε around the old value
-    ent_coef: float = 1e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
+    ent_coef: float = 3e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
     anneal_ent_coef: bool = True  # decay c2 linearly to zero at --total-timesteps: explore early, act surely late
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
-    critic_width: int = 256  # units in each of the critic's two hidden layers (the actor's are 64 wide)
+    critic_width: int = 64  # units in each of the critic's two hidden layers (the actor's are 64 wide)
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
     lr_kl_target: float | None = None  # adapt the step size to the update's KL: /1.5 above 2x this, x1.5 below 1/2
