@@ -156,7 +156,7 @@ class RewardScaler:
 
 # ---- Actor-critic: π_θ(a|s) = N(μ_θ(s), diag σ²) and V_φ(s) ------------------------------------------
 def mlp(in_dim: int, out_dim: int, out_gain: float, width: int = 64) -> nn.Sequential:
-    """in → width → width → out with tanh; orthogonal weights (gain √2, out_gain on the last layer), zero biases."""
+    """in → width → width → out, tanh between; orthogonal weights (gain √2, out_gain last), zero biases."""
     layers = []
     for n_in, n_out, gain in ((in_dim, width, np.sqrt(2)), (width, width, np.sqrt(2)), (width, out_dim, out_gain)):
         layers += [nn.Linear(n_in, n_out), nn.Tanh()]
