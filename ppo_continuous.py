@@ -54,7 +54,7 @@ class Args:  # each comment is the option's --help text
     norm_adv: bool = False  # normalize advantages within each minibatch
     clip_coef: float = 0.1  # clip range ε of the ratio r_t(θ) (0.1: at this step size 0.2 lets the policy overshoot)
     clip_vloss: bool = False  # also clip the value prediction to ±ε around the old value
-    ent_coef: float = 3e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
+    ent_coef: float = 1e-4  # weight c2 of the entropy bonus S (small: Adam moves log σ at full step once S dominates)
     anneal_ent_coef: bool = True  # decay c2 linearly to zero at --total-timesteps: explore early, act surely late
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
