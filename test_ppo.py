@@ -427,8 +427,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     obs_rms.update(np.arange(12.0).reshape(4, 3))
     scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
     path = str(tmp_path / "checkpoint.pt")
-    state = training_state(Args(), "runs/x", agent, optimizer, obs_rms, scaler, global_step=64, iteration=3,
-                           world_size=1, lr_scale=1.0)
+    state = training_state(Args(), agent, optimizer, obs_rms, scaler, global_step=4096, lr_scale=1.0)
     save_checkpoint(path, state)
     assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
 
@@ -448,7 +447,8 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     np.testing.assert_array_equal(fresh_rms.var, obs_rms.var)
     assert fresh_rms.count == obs_rms.count
     assert fresh_return_rms.var == scaler.return_rms.var
-    assert (loaded["global_step"], loaded["iteration"], loaded["args"]["env_id"]) == (64, 3, "HalfCheetah-v4")
+    # 4,096 steps of 8 envs x 256 steps: 2 iterations
+    assert (loaded["global_step"], loaded["iteration"], loaded["args"]["env_id"]) == (4096, 2, "HalfCheetah-v4")
 
 
 def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
@@ -489,12 +489,13 @@ def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo_continuous, "save_checkpoint", save_and_keep_copy)
     args = Args(env_id="Pendulum-v1", total_timesteps=4 * 256, checkpoint_every=2, eval_episodes=0, **SMALL)
-    train(args)
+    run_dir, _ = train(args)
     straight, halfway = load_checkpoint(saved[4]), load_checkpoint(saved[2])
     assert halfway["global_step"] == 512
 
-    train(resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"}), halfway)
-    resumed = load_checkpoint(f"{halfway['run_dir']}/checkpoint.pt")
+    resumed_args = resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"})
+    train(resumed_args, halfway, run_dir)
+    resumed = load_checkpoint(f"{run_dir}/checkpoint.pt")
     position = lambda c: (c["global_step"], c["iteration"])  # noqa: E731
     assert position(resumed) == position(straight) == (1024, 4)
     lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
@@ -801,7 +802,7 @@ def test_lr_kl_target_divides_or_multiplies_the_step_size_by_1_5_and_the_schedul
     assert checkpoint["lr_scale"] == pytest.approx(1 / 1.5)
     # resumed to 7 iterations, iteration 7 goes on with the saved factor: 2e-3 x (1 - 6/7) / 1.5
     resumed = resume_args(Args(resume=path, total_timesteps=7 * 256), checkpoint, {"resume", "total_timesteps"})
-    train(resumed, checkpoint)
+    train(resumed, checkpoint, run_dir)
     assert scalars(run_dir, "charts/learning_rate")[-1] == pytest.approx(2e-3 / 7 / 1.5, rel=1e-6)
 
 
@@ -948,7 +949,7 @@ def test_extending_a_finished_run_continues_schedule_and_keeps_its_logs(pendulum
     checkpoint = load_checkpoint(checkpoint_path)
     args = resume_args(Args(resume=checkpoint_path, total_timesteps=1024, eval_episodes=0), checkpoint,
                        given={"resume", "total_timesteps", "eval_episodes"})
-    run_dir, _ = train(args, checkpoint)
+    run_dir, _ = train(args, checkpoint, os.path.dirname(checkpoint_path))
     extended = load_checkpoint(f"{run_dir}/checkpoint.pt")
     assert (extended["global_step"], extended["iteration"], extended["args"]["total_timesteps"]) == (1024, 4, 1024)
     lr = Args().learning_rate  # iterations 1-2 planned over 2, then 3-4 over 4: lr, lr/2, then lr·2/4, lr·1/4
@@ -960,7 +961,7 @@ def test_extending_a_finished_run_continues_schedule_and_keeps_its_logs(pendulum
 def test_resume_keeps_the_checkpoint_runtime_settings_unless_given(pendulum_run):
     """Bug caught: a resumed run forgetting --checkpoint-every (and so losing everything at the next kill)."""
     checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
-    checkpoint["args"] = {**checkpoint["args"], "checkpoint_every": 1, "torch_threads": 2}
+    checkpoint["args"] = {**checkpoint["args"], "checkpoint_every": 1, "torch_threads": 2, "total_timesteps": 1024}
     kept = resume_args(Args(resume="ck"), checkpoint, given={"resume"})
     assert (kept.checkpoint_every, kept.torch_threads, kept.resume) == (1, 2, "ck")
     given = resume_args(Args(resume="ck", checkpoint_every=3), checkpoint, given={"resume", "checkpoint_every"})
@@ -1009,8 +1010,7 @@ def test_disk_full_while_writing_keeps_last_checkpoint_and_no_temporary_file(pen
     result = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--total-timesteps", "1024"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"error: cannot write checkpoint runs/{Path(checkpoint).parent.name}/checkpoint.pt: File too large; " \
-           "the last good checkpoint is" in result.stderr
+    assert f"error: cannot write checkpoint {checkpoint}: File too large; the last good checkpoint is" in result.stderr
     assert Path(checkpoint).read_bytes() == good and not os.path.exists(checkpoint + ".tmp")
 
 
