@@ -1,13 +1,17 @@
 """Checks of ppo_continuous.py, in two parts:
-1. the math (r_t(θ), L^CLIP, L^VF, the Gaussian policy, Â_t by GAE, normalization) against numbers worked out by hand;
-2. whole runs: what the training loop feeds the math, and the lifecycle (validation, checkpoints, resume, signals).
-Each test of part 2 names the bug it exists to catch.
+1. the math against numbers worked out by hand (marked `math`: `pytest test_ppo.py -m math`, a few seconds):
+   ratio clipping (test_ratio_clipping_matches_hand_calculation: r_t(θ), L^CLIP and its gradient), L^VF, the Gaussian
+   policy, advantages (test_advantages_*: Â_t by GAE), normalization, and each math piece copied out alone;
+2. whole runs, in the order of the script's regions: 2a what the training loop feeds the math, 2b the lifecycle
+   (validation, checkpoints, resume, signals, reliability), 2c data parallel under torchrun.
+A test added for a bug says which bug in its docstring or comment.
 
 Run with:  pytest test_ppo.py
 """
 
 import contextlib
 import glob
+import inspect
 import json
 import math
 import os
@@ -16,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -24,6 +29,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -33,6 +39,7 @@ from ppo_continuous import (
     Args,
     RewardScaler,
     RunningMeanStd,
+    advantages_now,
     checked_spaces,
     collect_rollout,
     compute_gae,
@@ -58,6 +65,9 @@ def f64(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+# ==== 1. The math, by hand ==============================================================================
+
+
 # ---- r_t(θ) and L^CLIP -----------------------------------------------------------------------------
 def policy_only_loss(ratio: float, advantage: float, clip_coef: float = 0.2):
     """ppo_loss with the value and entropy terms off, for one sample; returns (loss, d loss/d log π_θ, stats)."""
@@ -71,28 +81,30 @@ def policy_only_loss(ratio: float, advantage: float, clip_coef: float = 0.2):
     return loss.item(), new_logprob.grad.item(), stats
 
 
+@pytest.mark.math
 @pytest.mark.parametrize(
     "ratio, advantage, expected_loss, expected_grad",
     [
         # A>0, r=1.5 > 1+ε: min(1.5*2, 1.2*2) = min(3.0, 2.4) = 2.4, clipped -> loss -2.4, gradient 0
-        (1.5, 2.0, -2.4, 0.0),
+        pytest.param(1.5, 2.0, -2.4, 0.0, id="A>0, r>1+eps: clipped, no gradient"),
         # A<0, r=0.5 < 1-ε: min(0.5*-1, 0.8*-1) = min(-0.5, -0.8) = -0.8, clipped -> loss 0.8, gradient 0
-        (0.5, -1.0, 0.8, 0.0),
+        pytest.param(0.5, -1.0, 0.8, 0.0, id="A<0, r<1-eps: clipped, no gradient"),
         # A>0, r=0.5 < 1-ε: min(0.5*2, 0.8*2) = min(1.0, 1.6) = 1.0, the unclipped term -> loss -1.0;
         # d(-r A)/d log π = -r A (since dr/d log π = r) = -0.5*2 = -1.0
-        (0.5, 2.0, -1.0, -1.0),
+        pytest.param(0.5, 2.0, -1.0, -1.0, id="A>0, r<1-eps: unclipped, gradient"),
         # A<0, r=1.5 > 1+ε: min(1.5*-1, 1.2*-1) = min(-1.5, -1.2) = -1.5, unclipped -> loss 1.5; grad -r A = 1.5
-        (1.5, -1.0, 1.5, 1.5),
+        pytest.param(1.5, -1.0, 1.5, 1.5, id="A<0, r>1+eps: unclipped, gradient"),
         # r=1.1 inside [0.8, 1.2], A=3: min(3.3, 3.3) = 3.3 -> loss -3.3; grad -r A = -3.3
-        (1.1, 3.0, -3.3, -3.3),
+        pytest.param(1.1, 3.0, -3.3, -3.3, id="r inside the range: unclipped, gradient"),
     ],
 )
-def test_clipped_surrogate_matches_hand_values(ratio, advantage, expected_loss, expected_grad):
+def test_ratio_clipping_matches_hand_calculation(ratio, advantage, expected_loss, expected_grad):
     loss, grad, _ = policy_only_loss(ratio, advantage)
     assert loss == pytest.approx(expected_loss, abs=1e-12)
     assert grad == pytest.approx(expected_grad, abs=1e-12)
 
 
+@pytest.mark.math
 def test_clip_fraction_and_approx_kl():
     # r = 1.5: |r-1| = 0.5 > 0.2 so clip fraction 1; KL estimate (r-1) - ln r = 0.5 - 0.4054651 = 0.0945349
     _, _, stats = policy_only_loss(1.5, 1.0)
@@ -104,6 +116,7 @@ def test_clip_fraction_and_approx_kl():
     assert stats["approx_kl"].item() == pytest.approx(0.0046898, abs=1e-7)
 
 
+@pytest.mark.math
 def test_total_loss_combines_terms():
     # r=1 (same log-probs), A=[1, 3] -> L^CLIP = mean(1, 3) = 2; V=[0, 1], R=[1, 3] -> L^VF = ½ mean(1, 4) = 1.25;
     # entropy 2.0. loss = -2 + 0.5*1.25 - 0.01*2.0 = -2 + 0.625 - 0.02 = -1.395
@@ -119,17 +132,18 @@ def test_total_loss_combines_terms():
 
 
 # ---- L^VF with and without clipping -------------------------------------------------------------------
+@pytest.mark.math
 @pytest.mark.parametrize(
     "new_value, old_value, target, clip_vloss, expected",
     [
         # unclipped: ½ (2-3)² = 0.5
-        (2.0, 1.0, 3.0, False, 0.5),
+        pytest.param(2.0, 1.0, 3.0, False, 0.5, id="unclipped"),
         # clipped V = 1 + clamp(2-1, -0.2, 0.2) = 1.2; max((2-3)², (1.2-3)²) = max(1, 3.24) = 3.24; ½ -> 1.62
-        (2.0, 1.0, 3.0, True, 1.62),
+        pytest.param(2.0, 1.0, 3.0, True, 1.62, id="clipped V further from R: the clipped error"),
         # target 0: max((2-0)², (1.2-0)²) = max(4, 1.44) = 4; ½ -> 2.0 (clipping never lowers the loss)
-        (2.0, 1.0, 0.0, True, 2.0),
+        pytest.param(2.0, 1.0, 0.0, True, 2.0, id="clipped V nearer R: the unclipped error"),
         # inside the range: V=1.1, clipped V=1.1, ½ (1.1-2)² = ½ 0.81 = 0.405
-        (1.1, 1.0, 2.0, True, 0.405),
+        pytest.param(1.1, 1.0, 2.0, True, 0.405, id="inside the range"),
     ],
 )
 def test_value_loss(new_value, old_value, target, clip_vloss, expected):
@@ -152,6 +166,7 @@ def agent_with(mean_bias, log_std) -> Agent:
     return agent
 
 
+@pytest.mark.math
 def test_gaussian_log_prob_closed_form():
     # a=(0.5, -1), μ=(0, 0), σ=(1, 2); ½ log 2π = 0.9189385
     # dim 1: -½ (0.5/1)² - log 1 - 0.9189385 = -0.125 - 0 - 0.9189385 = -1.0439385
@@ -162,11 +177,13 @@ def test_gaussian_log_prob_closed_form():
     assert log_prob.item() == pytest.approx(-2.7810242, abs=1e-7)
 
 
+@pytest.mark.math
 def test_gaussian_entropy_closed_form():
     # σ=(1, 2): Σ [log σ_i + ½ log(2πe)] = 0 + 0.6931472 + 2 * 1.4189385 = 3.5310242
     assert agent_with((0.0, 0.0), (0.0, math.log(2.0))).entropy().item() == pytest.approx(3.5310242, abs=1e-7)
 
 
+@pytest.mark.math
 def test_act_is_mean_plus_sigma_times_noise():
     # μ=(1, -1), σ=(e^0, e^ln 3)=(1, 3), ε=(0.5, -2): a = μ + σ ε = (1 + 0.5, -1 - 6) = (1.5, -7); ε=0 gives μ
     agent = agent_with(mean_bias=(1.0, -1.0), log_std=(0.0, math.log(3.0)))
@@ -194,7 +211,8 @@ def gae(terminations=NO_END, dones=NO_END, final_values=NO_END, gae_lambda=LAMBD
     return advantages.squeeze(-1).tolist(), returns.squeeze(-1).tolist()
 
 
-def test_gae_by_hand():
+@pytest.mark.math
+def test_advantages_match_hand_calculation_gae():
     # Â_2 = 3.3;  Â_1 = 2.35 + 0.72*3.3 = 4.726;  Â_0 = 1.4 + 0.72*4.726 = 4.80272
     # R = Â + V = (5.30272, 5.726, 4.8)
     advantages, returns = gae()
@@ -202,7 +220,8 @@ def test_gae_by_hand():
     assert returns == pytest.approx([5.30272, 5.726, 4.8])
 
 
-def test_gae_termination_stops_bootstrap_and_carry():
+@pytest.mark.math
+def test_advantages_termination_stops_bootstrap_and_carry():
     # terminated at t=1: V(final obs) must be ignored (99 proves it), δ_1 = 2 - 1.0 = 1.0;
     # Â_1 = δ_1 (no carry from t=2)
     # Â_2 = 3.3;  Â_0 = 1.4 + 0.72*1.0 = 2.12
@@ -210,14 +229,16 @@ def test_gae_termination_stops_bootstrap_and_carry():
     assert advantages == pytest.approx([2.12, 1.0, 3.3])
 
 
-def test_gae_truncation_bootstraps_from_final_observation():
+@pytest.mark.math
+def test_advantages_truncation_bootstraps_from_final_observation():
     # time limit at t=1: bootstrap from V(final obs) = 4.0, not from V(s_2) = 1.5 of the reset state; no carry from t=2
     # δ_1 = 2 + 0.9*4.0 - 1.0 = 4.6 = Â_1;  Â_2 = 3.3;  Â_0 = 1.4 + 0.72*4.6 = 4.712
     advantages, _ = gae(terminations=[0, 0, 0], dones=[0, 1, 0], final_values=[0, 4.0, 0])
     assert advantages == pytest.approx([4.712, 4.6, 3.3])
 
 
-def test_gae_two_envs_are_independent():
+@pytest.mark.math
+def test_advantages_of_two_envs_are_independent():
     # env 0 is the plain example, env 1 the terminated one: each column matches its single-env answer
     def pair(first, second):  # two (T,) columns -> (T, 2): two envs
         return torch.stack([f64(*first), f64(*second)], dim=1)
@@ -230,13 +251,15 @@ def test_gae_two_envs_are_independent():
     assert advantages[:, 1].tolist() == pytest.approx([2.12, 1.0, 3.3])
 
 
-def test_gae_lambda_zero_is_td_error():
+@pytest.mark.math
+def test_advantages_lambda_zero_is_td_error():
     # λ=0: Â_t = δ_t = (1.4, 2.35, 3.3)
     advantages, _ = gae(gae_lambda=0.0)
     assert advantages == pytest.approx([1.4, 2.35, 3.3])
 
 
-def test_gae_lambda_one_is_discounted_return_minus_value():
+@pytest.mark.math
+def test_advantages_lambda_one_is_discounted_return_minus_value():
     # λ=1, bootstrapping the last step with V=2.0: G_2 = 3 + 0.9*2.0 = 4.8; G_1 = 2 + 0.9*4.8 = 6.32;
     # G_0 = 1 + 0.9*6.32 = 6.688.  Â = G - V = (6.188, 5.32, 3.3)
     advantages, returns = gae(gae_lambda=1.0)
@@ -245,6 +268,7 @@ def test_gae_lambda_one_is_discounted_return_minus_value():
 
 
 # ---- Normalization shared by all sub-environments ----------------------------------------------------
+@pytest.mark.math
 def test_running_stats_over_env_batches_equal_pooled_stats():
     rng = np.random.default_rng(0)
     steps = [rng.normal(3.0, 2.0, size=(4, 5)) for _ in range(50)]  # 50 steps of 4 envs, 5-dim observations
@@ -258,6 +282,7 @@ def test_running_stats_over_env_batches_equal_pooled_stats():
     assert rms.count == pytest.approx(200)
 
 
+@pytest.mark.math
 def test_normalize_obs_uses_stats_and_clips():
     rms = RunningMeanStd((2,))
     rms.mean, rms.var = np.array([1.0, 0.0]), np.array([4.0, 1e-6])
@@ -265,6 +290,7 @@ def test_normalize_obs_uses_stats_and_clips():
     np.testing.assert_allclose(normalize_obs(np.array([[3.0, 1.0]]), rms, clip=10.0), [[1.0, 10.0]], rtol=1e-6)
 
 
+@pytest.mark.math
 def test_reward_scaler_shares_one_return_statistic():
     # 2 envs, γ=0.5, one rollout of 2 steps. Step 1: G = (1, 2). Step 2: G = 0.5*(1, 2) + (3, 4) = (3.5, 5).
     # Pooled over both envs and steps: mean (1+2+3.5+5)/4 = 2.875,
@@ -276,6 +302,7 @@ def test_reward_scaler_shares_one_return_statistic():
     np.testing.assert_allclose(scaled, [[0.659829, 1.319658], [1.979487, 2.639316]], rtol=1e-4)
 
 
+@pytest.mark.math
 def test_reward_scaler_restarts_return_at_episode_end():
     # γ=0.5. Step 1: G = (1, 2), env 0's episode ends there. Step 2: G = (0 + 3, 0.5*2 + 4) = (3, 5);
     # the statistics saw (1, 2, 3, 5), not the (1, 2, 3.5, 5) of the test above.
@@ -285,13 +312,105 @@ def test_reward_scaler_restarts_return_at_episode_end():
     np.testing.assert_allclose(scaler.returns, [3.0, 5.0])  # carried into the next rollout
 
 
+@pytest.mark.math
 def test_reward_scaler_clips():
     # returns (100, 0) -> mean 50, var 2500, std 50: reward 100 scales to 2, clipped to 1.5
     scaler = RewardScaler(num_envs=2, gamma=0.99, clip=1.5)
     np.testing.assert_allclose(scaler(np.array([[100.0, 0.0]]), np.zeros((1, 2), bool)), [[1.5, 0.0]], rtol=1e-4)
 
 
-# ---- Whole runs ------------------------------------------------------------------------------------
+@pytest.mark.math
+def test_statistics_merge_rule_by_hand():
+    """Chan's rule from the prior (mean 0, var 1, count 1e-4) with the batch [2, 4] (mean 3, var 1, count 2):
+    delta = 3, total = 2.0001, mean = 3 * 2 / 2.0001 = 2.99985; squares = 1*1e-4 + 1*2 + 9 * 1e-4 * 2 / 2.0001
+    = 0.0001 + 2 + 0.00089996 = 2.00099996, var = 2.00099996 / 2.0001 = 1.00045. Then [6] (mean 6, var 0, count 1):
+    delta = 6 - 2.99985 = 3.00015, total 3.0001, mean = 2.99985 + 3.00015 / 3.0001 = 2.99985 + 1.00002 = 3.99987;
+    var = (1.00045 * 2.0001 + 0 + 3.00015² * 2.0001 / 3.0001) / 3.0001 = (2.00100 + 18.00270 / 3.0001) / 3.0001
+    = (2.00100 + 6.00070) / 3.0001 = 2.66714."""
+    statistics = RunningMeanStd()
+    statistics.update(np.array([2.0, 4.0]))
+    assert (statistics.mean, statistics.var, statistics.count) == pytest.approx((2.99985, 1.00045, 2.0001), rel=1e-5)
+    statistics.update(np.array([6.0]))
+    # without the prior: [2, 4, 6] has mean 4 and variance 8/3 = 2.6667; the prior moves both in the 4th digit
+    assert (statistics.mean, statistics.var, statistics.count) == pytest.approx((3.99987, 2.66714, 3.0001), rel=1e-5)
+
+
+@pytest.mark.math
+def test_reward_scaler_carries_each_return_across_rollouts_and_restarts_it_at_a_time_limit():
+    """Bugs caught: G reset at every rollout, or kept over a truncation. γ=0.5, one env. Rollout 1: r = 1, 1 ->
+    G = 1, 1.5. Rollout 2: r = 2 with a time-limit end (done, not terminated) -> G = 0.5 * 1.5 + 2 = 2.75, then
+    r = 4 -> G = 4 (restarted). The statistics saw 1, 1.5, 2.75, 4: mean 9.25 / 4 = 2.3125."""
+    scaler = RewardScaler(num_envs=1, gamma=0.5, clip=10.0)
+    scaler(np.array([[1.0], [1.0]]), np.array([[False], [False]]))
+    scaler(np.array([[2.0], [4.0]]), np.array([[True], [False]]))
+    assert scaler.return_rms.mean == pytest.approx(9.25 / 4.0001, rel=1e-6)
+    assert scaler.returns.tolist() == [4.0]
+
+
+@pytest.mark.math
+def test_policy_shapes_with_several_action_dimensions():
+    """Bug caught: log σ shared by all action dimensions, or log π summed over the wrong axis. 5 observations,
+    3 actions, a batch of 4: one log σ per dimension, one log π and one value per sample."""
+    agent = Agent(obs_dim=5, action_dim=3)
+    obs, noise = torch.randn(4, 5), torch.randn(4, 3)
+    assert tuple(agent.actor_logstd.shape) == (3,) and agent.actor_logstd.tolist() == [-1.0] * 3
+    assert tuple(agent.act(obs, noise).shape) == (4, 3)
+    assert tuple(agent.log_prob(obs, noise).shape) == (4,) and tuple(agent.value(obs).shape) == (4,)
+    assert agent.entropy().shape == ()
+    # dimensions are independent: log π of (a_1, a_2, a_3) is the sum of three one-dimensional log-densities
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    actions = agent.act(obs, noise)
+    mean = agent.actor_mean(obs)
+    by_dimension = torch.distributions.Normal(mean, agent.actor_logstd.exp()).log_prob(actions).sum(-1)
+    torch.testing.assert_close(agent.log_prob(obs, actions), by_dimension)
+
+
+def test_agent_defaults_are_the_command_lines():
+    """Agent's defaults are literals, so that it copies alone; this keeps them in step with Args."""
+    defaults = {name: p.default for name, p in inspect.signature(Agent.__init__).parameters.items()}
+    assert (defaults["init_logstd"], defaults["critic_width"]) == (Args.init_logstd, Args.critic_width)
+
+
+def copied_alone(*pieces) -> dict:
+    """The pieces' source, taken alone, run in a namespace holding only torch, nn, np and Tensor."""
+    namespace = {"torch": torch, "nn": torch.nn, "np": np, "Tensor": torch.Tensor}
+    for piece in pieces:
+        exec(inspect.cleandoc("\n" + inspect.getsource(piece)) if inspect.isfunction(piece) else
+             inspect.getsource(piece), namespace)
+    return namespace
+
+
+@pytest.mark.math
+def test_math_pieces_copy_alone():
+    """Agent, the statistics' merge rule, compute_gae and ppo_loss each run from their own source alone."""
+    copied = copied_alone(ppo_continuous.Agent, RunningMeanStd.merge, compute_gae, ppo_loss)
+    torch.manual_seed(0)
+    agent = copied["Agent"](obs_dim=3, action_dim=2)
+    torch.manual_seed(0)
+    original = Agent(obs_dim=3, action_dim=2)
+    obs, noise = torch.randn(5, 3), torch.randn(5, 2)
+    for method in ("act", "log_prob"):
+        torch.testing.assert_close(getattr(agent, method)(obs, noise), getattr(original, method)(obs, noise))
+    torch.testing.assert_close(agent.value(obs), original.value(obs))
+
+    class Statistics:  # what merge needs of its owner
+        mean, var, count = 0.0, 1.0, 1e-4
+
+    statistics = Statistics()
+    copied["merge"](statistics, 3.0, 1.0, 2)  # the batch [2, 4] of the merge test above
+    assert (statistics.mean, statistics.var) == pytest.approx((2.99985, 1.00045), rel=1e-5)
+    column = lambda *values: f64(*values)[:, None]  # noqa: E731
+    advantages, _ = copied["compute_gae"](column(*REWARDS), column(*VALUES), f64(NEXT_VALUE), column(*NO_END),
+                                          column(*NO_END), column(*NO_END), GAMMA, LAMBDA)
+    assert advantages.squeeze(-1).tolist() == pytest.approx([4.80272, 4.726, 3.3])  # the GAE hand calculation
+    zero = f64(0.0)
+    loss, _ = copied["ppo_loss"](f64(math.log(1.5)), zero, f64(2.0), zero, zero, zero, zero, clip_coef=0.2,
+                                 vf_coef=0.0, ent_coef=0.0, clip_vloss=False)
+    assert loss.item() == pytest.approx(-2.4)  # the first ratio clipping case
+
+
+# ==== 2a. Whole runs: what the training loop feeds the math =============================================
 SMALL = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2, target_kl=None)  # every epoch runs
 
 
@@ -383,8 +502,34 @@ def with_repo_on_path() -> str:
     return os.pathsep.join(filter(None, [str(Path(SCRIPT).parent), os.environ.get("PYTHONPATH")]))
 
 
-def run_script(*cli_args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *cli_args], capture_output=True, text=True, timeout=120)
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by pid and all its descendants (0 once they are gone)."""
+    total, tree = 0.0, [pid]
+    while tree:
+        current = tree.pop()
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tree += children(current)
+    return total
+
+
+def wait_until(condition, process: subprocess.Popen, what: str, stalled_after: float = 120.0) -> None:
+    """Poll until condition() holds. A deadline on wall time fails on a busy machine; this one fails only when the
+    process tree has used no CPU for stalled_after seconds (a hang) or the process has ended."""
+    last_cpu, last_progress = -1.0, time.time()
+    while not condition():
+        assert process.poll() is None, f"the process ended (rc {process.returncode}) before {what}"
+        cpu = cpu_seconds(process.pid)
+        if cpu > last_cpu + 0.01:
+            last_cpu, last_progress = cpu, time.time()
+        assert time.time() - last_progress < stalled_after, f"no progress towards {what} for {stalled_after:.0f} s"
+        time.sleep(0.2)
+
+
+def run_script(*cli_args: str, **options) -> subprocess.CompletedProcess:
+    """The script with these options, to its end; the timeout only guards against a hang, not a slow machine."""
+    return subprocess.run([sys.executable, SCRIPT, *cli_args], capture_output=True, text=True, timeout=900, **options)
 
 
 @pytest.mark.parametrize(
@@ -405,243 +550,18 @@ def test_bad_input_exits_with_one_line_message(cli_args, message):
     assert "Traceback" not in result.stderr
 
 
-# ---- Checkpoints, evaluation, resume, interruption ----------------------------------------------------
-@pytest.fixture(scope="module")
-def pendulum_run(tmp_path_factory):
-    """A finished 2-iteration Pendulum run: (run directory, returns of its final evaluation)."""
-    cwd = os.getcwd()
-    os.chdir(tmp_path_factory.mktemp("pendulum"))
-    try:
-        run_dir, eval_returns = train(Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=2, **SMALL))
-        return os.path.abspath(run_dir), eval_returns
-    finally:
-        os.chdir(cwd)
-
-
-def test_checkpoint_round_trip_restores_everything(tmp_path):
-    agent = Agent(obs_dim=3, action_dim=2)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
-    agent.value(torch.ones(4, 3)).sum().backward()
-    optimizer.step()  # gives Adam moment estimates to restore
-    obs_rms, scaler = RunningMeanStd((3,)), RewardScaler(2, 0.99, 10.0)
-    obs_rms.update(np.arange(12.0).reshape(4, 3))
-    scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
-    path = str(tmp_path / "checkpoint.pt")
-    state = training_state(Args(), agent, optimizer, obs_rms, scaler, global_step=4096, lr_scale=1.0)
-    save_checkpoint(path, state)
-    assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
-
-    loaded = load_checkpoint(path)
-    fresh_agent = Agent(obs_dim=3, action_dim=2)
-    fresh_agent.load_state_dict(loaded["agent"])
-    fresh_optimizer = torch.optim.Adam(fresh_agent.parameters(), lr=1e-3)
-    fresh_optimizer.load_state_dict(loaded["optimizer"])
-    for p, q in zip(agent.parameters(), fresh_agent.parameters()):
-        assert torch.equal(p, q)
-    for state, fresh_state in zip(optimizer.state.values(), fresh_optimizer.state.values()):
-        assert all(torch.equal(state[k], fresh_state[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-    fresh_rms, fresh_return_rms = RunningMeanStd((3,)), RunningMeanStd()
-    fresh_rms.load_state_dict(loaded["obs_rms"])
-    fresh_return_rms.load_state_dict(loaded["return_rms"])
-    np.testing.assert_array_equal(fresh_rms.mean, obs_rms.mean)
-    np.testing.assert_array_equal(fresh_rms.var, obs_rms.var)
-    assert fresh_rms.count == obs_rms.count
-    assert fresh_return_rms.var == scaler.return_rms.var
-    # 4,096 steps of 8 envs x 256 steps: 2 iterations
-    assert (loaded["global_step"], loaded["iteration"], loaded["args"]["env_id"]) == (4096, 2, "HalfCheetah-v4")
-
-
-def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
-    run_dir, eval_returns = pendulum_run
-    # the checkpoint (weights + frozen normalization) gives exactly the returns the trained agent got
-    result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "2")
-    assert f"return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over 2 episodes" in result.stdout
-    # and the end-of-training evaluation is logged
-    assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
-
-
-def test_critic_width_shapes_the_critic_alone_and_its_checkpoint_evaluates_and_resumes(tmp_path, monkeypatch):
-    """Bug caught: --critic-width ignored by the training run, applied to the actor too, or forgotten when a checkpoint
-    is evaluated or resumed (its weights would not fit a 64-wide critic)."""
-    monkeypatch.chdir(tmp_path)
-    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, critic_width=16, eval_episodes=0, **SMALL))
-    weights = load_checkpoint(f"{run_dir}/checkpoint.pt")["agent"]
-    assert [tuple(weights[f"critic.{i}.weight"].shape) for i in (0, 2, 4)] == [(16, 3), (16, 16), (1, 16)]
-    assert [tuple(weights[f"actor_mean.{i}.weight"].shape) for i in (0, 2, 4)] == [(64, 3), (64, 64), (1, 64)]
-    result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "1")
-    assert result.returncode == 0 and "over 1 episodes" in result.stdout, result.stderr
-    result = run_script("--resume", f"{run_dir}/checkpoint.pt", "--total-timesteps", "512")
-    assert result.returncode == 0, result.stderr
-
-
-def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
-    """4 iterations straight vs 2 + resumed 2. The parameters cannot match: the environments' inner state
-    (MuJoCo/physics state, episode step counters, the envs' RNGs) is not in the checkpoint, so the resumed
-    run starts fresh episodes and sees other data. What must match is the strongest thing that holds:
-    step counter, iteration, learning-rate schedule, Adam's step count, and how many samples the
-    normalization statistics have absorbed."""
-    monkeypatch.chdir(tmp_path)
-    saved = {}
-
-    def save_and_keep_copy(path, state):
-        save_checkpoint(path, state)
-        saved[state["iteration"]] = str(shutil.copy(path, tmp_path / f"iteration{state['iteration']}.pt"))
-
-    monkeypatch.setattr(ppo_continuous, "save_checkpoint", save_and_keep_copy)
-    args = Args(env_id="Pendulum-v1", total_timesteps=4 * 256, checkpoint_every=2, eval_episodes=0, **SMALL)
-    run_dir, _ = train(args)
-    straight, halfway = load_checkpoint(saved[4]), load_checkpoint(saved[2])
-    assert halfway["global_step"] == 512
-
-    resumed_args = resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"})
-    train(resumed_args, halfway, run_dir)
-    resumed = load_checkpoint(f"{run_dir}/checkpoint.pt")
-    position = lambda c: (c["global_step"], c["iteration"])  # noqa: E731
-    assert position(resumed) == position(straight) == (1024, 4)
-    lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
-    # iteration 4 of 4 anneals to lr * (1 - 3/4)
-    assert lr(resumed) == lr(straight) == pytest.approx(args.learning_rate * (1 - 3 / 4))
-    adam_steps = lambda c: c["optimizer"]["state"][0]["step"].item()  # noqa: E731
-    assert adam_steps(resumed) == adam_steps(straight) == 4 * 2 * 4  # iterations * epochs * minibatches
-    assert resumed["obs_rms"]["count"] == pytest.approx(straight["obs_rms"]["count"])
-    assert resumed["return_rms"]["count"] == pytest.approx(straight["return_rms"]["count"])
-    assert not torch.equal(resumed["agent"]["actor_logstd"], halfway["agent"]["actor_logstd"])  # it did train on
-
-
-def test_resume_rejects_other_env_id(pendulum_run):
-    result = run_script("--resume", f"{pendulum_run[0]}/checkpoint.pt", "--env-id", "MountainCarContinuous-v0")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--env-id MountainCarContinuous-v0 differs from the checkpoint's Pendulum-v1" in result.stderr
-
-
-def test_bad_checkpoints_exit_with_one_line_message(pendulum_run, tmp_path):
-    good = Path(pendulum_run[0]) / "checkpoint.pt"
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    text = tmp_path / "notes.txt"
-    text.write_text("not a checkpoint")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    cases = [
-        (["--eval-checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
-        (["--eval-checkpoint", str(truncated)], "is not a readable checkpoint"),
-        (["--resume", str(text)], "is not a readable checkpoint"),
-        (["--eval-checkpoint", str(foreign)], "is not a ppo_continuous/1 checkpoint"),
-        # Pendulum has 3 observations; MountainCarContinuous has 2
-        (["--eval-checkpoint", str(good), "--env-id", "MountainCarContinuous-v0"],
-         "trained with 3 observations and 1 actions"),
-    ]
-    for cli_args, message in cases:
-        result = run_script(*cli_args)
-        assert result.returncode != 0, cli_args
-        assert message in result.stderr, (cli_args, result.stderr)
-        assert "Traceback" not in result.stderr
-
-
-def process_group_members(pgid: int) -> list[int]:
-    members = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(Path(stat).parent.name))
-    return members
-
-
-@pytest.mark.parametrize(
-    "signum, whole_group",
-    [
-        (signal.SIGINT, True),  # Ctrl-C in a terminal signals the whole process group
-        (signal.SIGTERM, True),  # Slurm's scancel and systemd signal every process of the job
-        (signal.SIGTERM, False),  # kill <pid>, Kubernetes: the main process only
-    ],
-)
-def test_stop_signal_saves_checkpoint_and_leaves_no_workers(tmp_path, signum, whole_group):
-    """Bug caught: SIGTERM ending the run at once (no checkpoint, BrokenPipe tracebacks from the async workers)."""
-    process = subprocess.Popen(
-        [sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--vector-mode", "async", "--num-envs", "2",
-         "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "100000000"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # a few iterations in
-    assert len(process_group_members(process.pid)) >= 3  # the script and its two workers
-    if whole_group:
-        os.killpg(process.pid, signum)
-    else:
-        os.kill(process.pid, signum)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum, stderr
-    assert f"stopped by {signal.Signals(signum).name}" in stdout and "checkpoint of step" in stdout
-    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
-    checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
-    assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 64 > 0
-    time.sleep(0.5)
-    assert process_group_members(process.pid) == []
-
-
-class BrokenAfter100Steps(gym.Wrapper):
-    """Pendulum whose rewards turn to NaN (or observations to +inf) after 100 steps, to trip the guards."""
-
-    def __init__(self, broken="reward"):
-        super().__init__(gym.make("Pendulum-v1"))
-        self.broken, self.steps = broken, 0
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.steps += 1
-        if self.steps > 100:
-            obs, reward = (np.full(3, np.inf), reward) if self.broken == "observations" else (obs, float("nan"))
-        return obs, reward, terminated, truncated, info
-
-
-def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    gym.register("NaNPendulum-v0", entry_point=BrokenAfter100Steps)
-    with pytest.raises(SystemExit, match="non-finite at iteration 1 \\(step 256\\); no checkpoint was written"):
-        train(Args(env_id="NaNPendulum-v0", total_timesteps=1024, **SMALL))
-
-
-def test_capture_video_records_evaluation(tmp_path):
-    # A 20-step HalfCheetah keeps software rendering short.
-    code = (
-        "import sys, gymnasium as gym, ppo_continuous as p\n"
-        "gym.register('ShortCheetah-v0', entry_point='gymnasium.envs.mujoco.half_cheetah_v4:HalfCheetahEnv',"
-        " max_episode_steps=20)\n"
-        "p.train(p.Args(env_id='ShortCheetah-v0', total_timesteps=256, num_envs=2, num_steps=128, num_minibatches=4,"
-        " update_epochs=1, eval_episodes=2, capture_video=True))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": with_repo_on_path()}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert len(glob.glob(f"{tmp_path}/runs/*/videos/eval-episode-*.mp4")) == 2
-
-
-def test_capture_video_without_renderer_fails_before_training():
-    pytest.importorskip("moviepy")
-    if subprocess.run([sys.executable, "-c", "import pygame"], capture_output=True).returncode == 0:
-        pytest.skip("pygame is installed, so Pendulum can render here")
-    result = run_script("--env-id", "Pendulum-v1", "--capture-video")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--capture-video cannot render Pendulum-v1" in result.stderr
-
-
-# ---- What the training loop feeds the math (each test names the bug it catches) -------------------------------
+# ---- What the loop feeds the math ---------------------------------------------------------------------
 class RecordingEnvs:
-    """Wraps a vector env's step() to keep every raw observation and infos["final_obs"] it returns."""
+    """Wraps a vector env's step() to keep every raw observation, reward and infos["final_obs"] it returns."""
 
     def __init__(self, envs):
-        self.envs, self.step_obs, self.final_obs = envs, [], []
+        self.envs, self.step_obs, self.final_obs, self.rewards = envs, [], [], []
         step = envs.step
 
         def recording_step(actions):
             result = step(actions)
             self.step_obs.append(result[0].copy())
+            self.rewards.append(result[1].copy())
             self.final_obs.append({i: o.copy() for i, o in enumerate(result[4].get("final_obs", [])) if o is not None})
             return result
 
@@ -886,6 +806,424 @@ def test_progress_line_shows_the_time_left():
     assert "| 2:10 left | return none yet" in progress_line(20_000, 150_000, 1_000, deque())
 
 
+def test_gae_is_fed_the_state_after_the_rollout_normalized_with_the_rollouts_statistics(tmp_path, monkeypatch):
+    """Bugs caught: V(s_T) taken of the rollout's last stored state instead of the one after it, of the raw state, or
+    of s_T normalized with the statistics that already absorbed the rollout. Over two iterations, next_obs must be the
+    envs' last returned observation normalized with the statistics the rollout itself used."""
+    monkeypatch.chdir(tmp_path)
+    recordings, used_statistics, fed = [], [], []
+    monkeypatch.setattr(ppo_continuous, "make_vector_env",
+                        lambda *a: recordings.append(RecordingEnvs(make_vector_env(*a))) or recordings[-1].envs)
+
+    def recording_rollout(envs, agent, obs_rms, *rest):
+        used_statistics.append((obs_rms.mean.copy(), obs_rms.var.copy()))
+        return collect_rollout(envs, agent, obs_rms, *rest)
+
+    def recording_advantages(agent, rollout, *rest):
+        fed.append(rollout["next_obs"].clone())
+        return advantages_now(agent, rollout, *rest)
+
+    monkeypatch.setattr(ppo_continuous, "collect_rollout", recording_rollout)
+    monkeypatch.setattr(ppo_continuous, "advantages_now", recording_advantages)
+    train(Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=0, save_model=False, **SMALL))
+    statistics = RunningMeanStd((3,))
+    for iteration, ((mean, var), next_obs) in enumerate(zip(used_statistics, fed[:: SMALL["update_epochs"]])):
+        statistics.mean, statistics.var = mean, var
+        last_raw = recordings[0].step_obs[(iteration + 1) * SMALL["num_steps"] - 1]  # s_T of this rollout, raw
+        expected = normalize_obs(last_raw, statistics, 10.0)
+        np.testing.assert_allclose(next_obs.numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(used_statistics[1][0], 0)  # the second rollout's statistics moved: the check has teeth
+
+
+def test_training_restarts_the_scaled_return_at_time_limits_and_carries_it_across_rollouts(tmp_path, monkeypatch):
+    """Bugs caught: the reward scaler told only of terminations (Pendulum never terminates, it is cut at 200
+    steps), or handed a fresh G each rollout. One env, 2 rollouts of 128 steps: the scaler sees the time-limit end
+    at step 199, which falls in the second rollout (its step 71), and keeps one G across both calls."""
+    monkeypatch.chdir(tmp_path)
+    calls, scale = [], RewardScaler.__call__
+
+    def recording_call(scaler, rewards, dones):
+        calls.append((id(scaler), dones.copy(), scaler.returns.copy()))
+        return scale(scaler, rewards, dones)
+
+    monkeypatch.setattr(RewardScaler, "__call__", recording_call)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False,
+               **{**SMALL, "num_envs": 1, "num_minibatches": 2}))
+    (first_id, first_dones, first_g), (second_id, second_dones, second_g) = calls
+    assert first_id == second_id and not first_dones.any() and second_dones[:, 0].nonzero()[0].tolist() == [71]
+    assert first_g.tolist() == [0.0] and second_g[0] != 0.0  # the second rollout starts from the first one's G
+
+
+class RecordingAgent(Agent):
+    """An Agent that registers itself, so a test can reach the live parameters that train() optimizes."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingAgent.made.append(self)
+
+
+def test_each_adam_step_uses_the_gradient_of_its_own_minibatch_alone(tmp_path, monkeypatch):
+    """Bug caught: gradients accumulating across minibatches (no zero_grad) or epochs. The gradient each Adam step
+    applies equals the gradient of that minibatch's loss alone, taken from the graph before backward() (clipping is
+    set out of reach)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo_continuous, "Agent", RecordingAgent)
+    expected, applied = [], []
+
+    def loss_and_its_gradient(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        parameters = list(RecordingAgent.made[-1].parameters())
+        expected.append(torch.autograd.grad(loss, parameters, retain_graph=True))
+        return loss, stats
+
+    def record_gradient(optimizer, args, kwargs):
+        applied.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_and_its_gradient)
+    handle = register_optimizer_step_pre_hook(record_gradient)
+    try:
+        train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False, max_grad_norm=1e9,
+                   **SMALL))
+    finally:
+        handle.remove()
+    assert len(applied) == len(expected) == 2 * 4  # epochs x minibatches
+    for step_gradients, loss_gradients in zip(applied, expected):
+        for gradient, alone in zip(step_gradients, loss_gradients):
+            torch.testing.assert_close(gradient, alone)
+
+
+def test_each_epoch_reshuffles_the_whole_batch(tmp_path, monkeypatch):
+    """Bugs caught: one shuffle reused by every epoch, samples drawn with replacement, or a minibatch left out.
+    Each epoch's four minibatches hold every sample of the batch once (the multiset of log π_old is the batch's),
+    and epoch 2 orders them differently from epoch 1."""
+    monkeypatch.chdir(tmp_path)
+    losses, _ = record_loss_inputs(monkeypatch)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False, **SMALL))
+    epochs = [torch.cat([inputs[1] for inputs in losses[epoch * 4 : epoch * 4 + 4]]) for epoch in (0, 1)]
+    for epoch in epochs:
+        assert len(epoch) == 256
+        torch.testing.assert_close(epoch.sort().values, epochs[0].sort().values, rtol=0, atol=0)
+    assert len(epochs[0].unique()) > 250  # distinct samples, so a sample drawn twice would show
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_target_kl_reads_the_mean_of_the_epochs_own_minibatches(tmp_path, monkeypatch):
+    """Bug caught: the KL stop averaging every minibatch since the update began instead of the epoch's own. KLs per
+    epoch (0, 0, 0, 0) then (0.03 x 4): epoch 2's mean 0.03 > 0.02 stops the update after 2 epochs; a mean over all
+    8 minibatches so far, 0.015, would not stop it there."""
+    monkeypatch.chdir(tmp_path)
+    reported = iter([0.0] * 4 + [0.03] * 4 + [0.03] * 100)
+
+    def loss_with_set_kl(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False,
+                            **{**SMALL, "update_epochs": 5, "target_kl": 0.02}))
+    assert scalars(run_dir, "charts/epochs_run") == [2]
+
+
+def test_each_logged_episode_is_that_episodes_own_return_and_length(tmp_path, monkeypatch):
+    """Bugs caught: an episode logged with the running sums after they were reset (0), with the next episode's
+    first reward in it, with a length off by one, or at the wrong step. Two Pendulum envs, 512 steps each: both
+    episodes of each env end at steps 200 and 400 of that env, that is at global steps 400 and 800."""
+    monkeypatch.chdir(tmp_path)
+    recordings = []
+    monkeypatch.setattr(ppo_continuous, "make_vector_env",
+                        lambda *a: recordings.append(RecordingEnvs(make_vector_env(*a))) or recordings[-1].envs)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=1024, eval_episodes=0, save_model=False, **SMALL))
+    rewards = np.stack(recordings[0].rewards)  # (512, 2)
+    episode_sums = [rewards[start:start + 200, env].sum() for start in (0, 200) for env in (0, 1)]
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    logged = accumulator.Scalars("charts/episodic_return")
+    assert [event.step for event in logged] == [400, 400, 800, 800]
+    np.testing.assert_allclose([event.value for event in logged], episode_sums, rtol=1e-5)
+    assert [event.value for event in accumulator.Scalars("charts/episodic_length")] == [200] * 4
+
+
+def test_evaluation_takes_the_mean_action_unless_asked_to_sample(pendulum_run, tmp_path, monkeypatch):
+    """Bug caught: evaluation sampling actions by default (after training or with --eval-checkpoint), so that a
+    checkpoint's return is noisy and lower than its policy's. The noise handed to Agent.act is 0 in every step,
+    and not with --eval-stochastic."""
+    monkeypatch.chdir(tmp_path)
+    noises, act = [], Agent.act
+    monkeypatch.setattr(Agent, "act", lambda agent, obs, noise: noises.append(noise.clone()) or act(agent, obs, noise))
+    monkeypatch.setattr(ppo_continuous, "evaluate", lambda *a, **k: (noises.clear(), evaluate(*a, **k))[1])
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=1, save_model=False, **SMALL))
+    assert len(noises) == 200 and all(not noise.any() for noise in noises)
+    for sampled in (False, True):
+        noises.clear()
+        monkeypatch.setattr(sys, "argv", ["ppo_continuous.py", "--eval-checkpoint", f"{pendulum_run[0]}/checkpoint.pt",
+                                          "--eval-episodes", "1", *(["--eval-stochastic"] if sampled else [])])
+        ppo_continuous.main()
+        assert len(noises) == 200 and all(noise.any() == sampled for noise in noises)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("gamma", 0.0), ("gamma", 1.0), ("gae_lambda", 0.0), ("gae_lambda", 1.0), ("ent_coef", 0.0), ("vf_coef", 0.0),
+     ("seed", 0), ("seed", 2**32 - 1), ("init_logstd", -20.0), ("init_logstd", 20.0), ("checkpoint_every", 0),
+     ("eval_episodes", 0), ("target_kl", None), ("lr_kl_target", None), ("total_timesteps", 2048),
+     ("learning_rate", 1e-12), ("exp_name", "a.b-c_d")],
+)
+def test_the_edges_of_every_option_domain_are_accepted(name, value):
+    """Bug caught: a domain closed where it should be open (γ = 0 or 1 refused, c2 = 0 refused, the last seed, one
+    rollout of training). Each value is valid and must pass validation."""
+    validate(Args(**{name: value}))
+
+
+def test_steps_per_second_and_time_left_after_a_resume(tmp_path, monkeypatch, capsys):
+    """Bug caught: a resumed run counting the steps of earlier sessions in its speed (and so its time left). The
+    script's clock is replaced by one that advances 1 s per reading, so a fresh run's first iteration and a resumed
+    run's first iteration take the same time, and must show the same steps/s: 256 steps over the same readings."""
+    monkeypatch.chdir(tmp_path)
+    clock = iter(range(1_000_000, 2_000_000))
+    monkeypatch.setattr(ppo_continuous, "time", type("Clock", (), {"time": staticmethod(lambda: next(clock))}))
+    args = Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=0, **SMALL)
+    run_dir, _ = train(args)
+    fresh_sps = scalars(run_dir, "charts/SPS")[0]
+    capsys.readouterr()
+    checkpoint = load_checkpoint(f"{run_dir}/checkpoint.pt")
+    extended = resume_args(Args(resume="x", total_timesteps=1024), checkpoint, {"resume", "total_timesteps"})
+    train(extended, checkpoint, run_dir)
+    resumed_sps = scalars(run_dir, "charts/SPS")[2]
+    assert resumed_sps == fresh_sps > 0
+    # the first line of the resumed session: step 768 of 1,024, 256 steps left at fresh_sps steps/s
+    minutes, seconds = divmod(round(256 / fresh_sps), 60)
+    assert f"step       768/1,024 | {int(fresh_sps)} SPS | {minutes}:{seconds:02d} left" in capsys.readouterr().out
+
+
+# ==== 2b. Whole runs: the lifecycle (checkpoints, evaluation, resume, signals, reliability) ===========
+# ---- Checkpoints, evaluation, resume, interruption ----------------------------------------------------
+@pytest.fixture(scope="module")
+def pendulum_run(tmp_path_factory):
+    """A finished 2-iteration Pendulum run: (run directory, returns of its final evaluation)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("pendulum"))
+    try:
+        run_dir, eval_returns = train(Args(env_id="Pendulum-v1", total_timesteps=512, eval_episodes=2, **SMALL))
+        return os.path.abspath(run_dir), eval_returns
+    finally:
+        os.chdir(cwd)
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    agent = Agent(obs_dim=3, action_dim=2)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    agent.value(torch.ones(4, 3)).sum().backward()
+    optimizer.step()  # gives Adam moment estimates to restore
+    obs_rms, scaler = RunningMeanStd((3,)), RewardScaler(2, 0.99, 10.0)
+    obs_rms.update(np.arange(12.0).reshape(4, 3))
+    scaler(np.array([[1.0, -2.0]]), np.zeros((1, 2), bool))
+    path = str(tmp_path / "checkpoint.pt")
+    state = training_state(Args(), agent, optimizer, obs_rms, scaler, global_step=4096, lr_scale=1.0)
+    save_checkpoint(path, state)
+    assert not os.path.exists(path + ".tmp")  # written aside, then renamed into place
+
+    loaded = load_checkpoint(path)
+    fresh_agent = Agent(obs_dim=3, action_dim=2)
+    fresh_agent.load_state_dict(loaded["agent"])
+    fresh_optimizer = torch.optim.Adam(fresh_agent.parameters(), lr=1e-3)
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+    for p, q in zip(agent.parameters(), fresh_agent.parameters()):
+        assert torch.equal(p, q)
+    for state, fresh_state in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert all(torch.equal(state[k], fresh_state[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    fresh_rms, fresh_return_rms = RunningMeanStd((3,)), RunningMeanStd()
+    fresh_rms.load_state_dict(loaded["obs_rms"])
+    fresh_return_rms.load_state_dict(loaded["return_rms"])
+    np.testing.assert_array_equal(fresh_rms.mean, obs_rms.mean)
+    np.testing.assert_array_equal(fresh_rms.var, obs_rms.var)
+    assert fresh_rms.count == obs_rms.count
+    assert fresh_return_rms.var == scaler.return_rms.var
+    # 4,096 steps of 8 envs x 256 steps: 2 iterations
+    assert (loaded["global_step"], loaded["iteration"], loaded["args"]["env_id"]) == (4096, 2, "HalfCheetah-v4")
+
+
+def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
+    run_dir, eval_returns = pendulum_run
+    # the checkpoint (weights + frozen normalization) gives exactly the returns the trained agent got
+    result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "2")
+    assert f"return {np.mean(eval_returns):.1f} ± {np.std(eval_returns):.1f} over 2 episodes" in result.stdout
+    # and the end-of-training evaluation is logged
+    assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
+
+
+def test_critic_width_shapes_the_critic_alone_and_its_checkpoint_evaluates_and_resumes(tmp_path, monkeypatch):
+    """Bug caught: --critic-width ignored by the training run, applied to the actor too, or forgotten when a checkpoint
+    is evaluated or resumed (its weights would not fit a 64-wide critic)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, critic_width=16, eval_episodes=0, **SMALL))
+    weights = load_checkpoint(f"{run_dir}/checkpoint.pt")["agent"]
+    assert [tuple(weights[f"critic.{i}.weight"].shape) for i in (0, 2, 4)] == [(16, 3), (16, 16), (1, 16)]
+    assert [tuple(weights[f"actor_mean.{i}.weight"].shape) for i in (0, 2, 4)] == [(64, 3), (64, 64), (1, 64)]
+    result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "1")
+    assert result.returncode == 0 and "over 1 episodes" in result.stdout, result.stderr
+    result = run_script("--resume", f"{run_dir}/checkpoint.pt", "--total-timesteps", "512")
+    assert result.returncode == 0, result.stderr
+
+
+def test_resume_continues_schedule_and_statistics(tmp_path, monkeypatch):
+    """4 iterations straight vs 2 + resumed 2. The parameters cannot match: the environments' inner state
+    (MuJoCo/physics state, episode step counters, the envs' RNGs) is not in the checkpoint, so the resumed
+    run starts fresh episodes and sees other data. What must match is the strongest thing that holds:
+    step counter, iteration, learning-rate schedule, Adam's step count, and how many samples the
+    normalization statistics have absorbed."""
+    monkeypatch.chdir(tmp_path)
+    saved = {}
+
+    def save_and_keep_copy(path, state):
+        save_checkpoint(path, state)
+        saved[state["iteration"]] = str(shutil.copy(path, tmp_path / f"iteration{state['iteration']}.pt"))
+
+    monkeypatch.setattr(ppo_continuous, "save_checkpoint", save_and_keep_copy)
+    args = Args(env_id="Pendulum-v1", total_timesteps=4 * 256, checkpoint_every=2, eval_episodes=0, **SMALL)
+    run_dir, _ = train(args)
+    straight, halfway = load_checkpoint(saved[4]), load_checkpoint(saved[2])
+    assert halfway["global_step"] == 512
+
+    resumed_args = resume_args(Args(resume=saved[2], eval_episodes=0), halfway, given={"resume", "eval_episodes"})
+    train(resumed_args, halfway, run_dir)
+    resumed = load_checkpoint(f"{run_dir}/checkpoint.pt")
+    position = lambda c: (c["global_step"], c["iteration"])  # noqa: E731
+    assert position(resumed) == position(straight) == (1024, 4)
+    lr = lambda c: c["optimizer"]["param_groups"][0]["lr"]  # noqa: E731
+    # iteration 4 of 4 anneals to lr * (1 - 3/4)
+    assert lr(resumed) == lr(straight) == pytest.approx(args.learning_rate * (1 - 3 / 4))
+    adam_steps = lambda c: c["optimizer"]["state"][0]["step"].item()  # noqa: E731
+    assert adam_steps(resumed) == adam_steps(straight) == 4 * 2 * 4  # iterations * epochs * minibatches
+    assert resumed["obs_rms"]["count"] == pytest.approx(straight["obs_rms"]["count"])
+    assert resumed["return_rms"]["count"] == pytest.approx(straight["return_rms"]["count"])
+    assert not torch.equal(resumed["agent"]["actor_logstd"], halfway["agent"]["actor_logstd"])  # it did train on
+
+
+def test_resume_rejects_other_env_id(pendulum_run):
+    result = run_script("--resume", f"{pendulum_run[0]}/checkpoint.pt", "--env-id", "MountainCarContinuous-v0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--env-id MountainCarContinuous-v0 differs from the checkpoint's Pendulum-v1" in result.stderr
+
+
+def test_bad_checkpoints_exit_with_one_line_message(pendulum_run, tmp_path):
+    good = Path(pendulum_run[0]) / "checkpoint.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    cases = [
+        (["--eval-checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--eval-checkpoint", str(truncated)], "is not a readable checkpoint"),
+        (["--resume", str(text)], "is not a readable checkpoint"),
+        (["--eval-checkpoint", str(foreign)], "is not a ppo_continuous/1 checkpoint"),
+        # Pendulum has 3 observations; MountainCarContinuous has 2
+        (["--eval-checkpoint", str(good), "--env-id", "MountainCarContinuous-v0"],
+         "trained with 3 observations and 1 actions"),
+    ]
+    for cli_args, message in cases:
+        result = run_script(*cli_args)
+        assert result.returncode != 0, cli_args
+        assert message in result.stderr, (cli_args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def process_group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(Path(stat).parent.name))
+    return members
+
+
+@pytest.mark.parametrize(
+    "signum, whole_group, save",
+    [
+        pytest.param(signal.SIGINT, True, [], id="Ctrl-C: SIGINT to the whole process group"),
+        pytest.param(signal.SIGTERM, True, [], id="scancel, systemd: SIGTERM to every process of the job"),
+        pytest.param(signal.SIGTERM, False, [], id="kill <pid>, Kubernetes: SIGTERM to the main process"),
+        pytest.param(signal.SIGTERM, False, ["--no-save-model"], id="--no-save-model: a stopped run is still saved"),
+    ],
+)
+def test_stop_signal_saves_checkpoint_and_leaves_no_workers(tmp_path, signum, whole_group, save):
+    """Bugs caught: SIGTERM ending the run at once (no checkpoint, BrokenPipe tracebacks from the async workers); a
+    stopped run left unsaved because --no-save-model was given (it is about the end of training, not a stop)."""
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--vector-mode", "async", "--num-envs", "2",
+         "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "100000000",
+         "--checkpoint-every", "1", *save],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    wait_until(lambda: glob.glob(f"{tmp_path}/runs/*/checkpoint.pt"), process, "the first iteration's checkpoint")
+    assert len(process_group_members(process.pid)) >= 3  # the script and its two workers
+    if whole_group:
+        os.killpg(process.pid, signum)
+    else:
+        os.kill(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 128 + signum, stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stdout and "checkpoint of step" in stdout
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
+    assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 64 > 0
+    time.sleep(0.5)
+    assert process_group_members(process.pid) == []
+
+
+class BrokenAfter100Steps(gym.Wrapper):
+    """Pendulum whose rewards turn to NaN (or observations to +inf) after 100 steps, to trip the guards."""
+
+    def __init__(self, broken="reward"):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.broken, self.steps = broken, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps > 100:
+            obs, reward = (np.full(3, np.inf), reward) if self.broken == "observations" else (obs, float("nan"))
+        return obs, reward, terminated, truncated, info
+
+
+def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gym.register("NaNPendulum-v0", entry_point=BrokenAfter100Steps)
+    with pytest.raises(SystemExit, match="non-finite at iteration 1 \\(step 256\\); no checkpoint was written"):
+        train(Args(env_id="NaNPendulum-v0", total_timesteps=1024, **SMALL))
+
+
+def test_capture_video_records_evaluation(tmp_path):
+    # A 20-step HalfCheetah keeps software rendering short.
+    code = (
+        "import sys, gymnasium as gym, ppo_continuous as p\n"
+        "gym.register('ShortCheetah-v0', entry_point='gymnasium.envs.mujoco.half_cheetah_v4:HalfCheetahEnv',"
+        " max_episode_steps=20)\n"
+        "p.train(p.Args(env_id='ShortCheetah-v0', total_timesteps=256, num_envs=2, num_steps=128, num_minibatches=4,"
+        " update_epochs=1, eval_episodes=2, capture_video=True))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": with_repo_on_path()}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(glob.glob(f"{tmp_path}/runs/*/videos/eval-episode-*.mp4")) == 2
+
+
+def test_capture_video_without_renderer_fails_before_training():
+    pytest.importorskip("moviepy")
+    if subprocess.run([sys.executable, "-c", "import pygame"], capture_output=True).returncode == 0:
+        pytest.skip("pygame is installed, so Pendulum can render here")
+    result = run_script("--env-id", "Pendulum-v1", "--capture-video")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--capture-video cannot render Pendulum-v1" in result.stderr
+
+
 # ---- Reliability: signals, run directories, options as typed, resume, non-finite values, the disk -------------
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     """Bug caught: two runs of a sweep sharing one directory (checkpoints overwritten, curves mixed)."""
@@ -902,7 +1240,7 @@ def test_two_processes_started_together_write_two_runs(tmp_path):
                "--num-steps", "128", "--update-epochs", "1", "--eval-episodes", "0"]
     processes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for _ in range(2)]
-    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    assert [process.wait(timeout=900) for process in processes] == [0, 0]
     assert len(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")) == 2
 
 
@@ -935,7 +1273,7 @@ def test_resume_with_default_total_timesteps_typed_extends_to_it(pendulum_run, t
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_line = process.stdout.readline()
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
+    process.communicate(timeout=900)
     assert "/999,936 |" in first_line and "left | return" in first_line  # whole 256-sample rollouts; ETA shown
     assert process.returncode == 128 + signal.SIGTERM
     assert load_checkpoint(checkpoint)["args"]["total_timesteps"] == 1_000_000
@@ -993,7 +1331,7 @@ def test_non_finite_checkpoint_and_returns_are_refused(pendulum_run, tmp_path):
 def test_unwritable_runs_directory_is_one_line(tmp_path):
     (tmp_path / "runs").write_text("a file where the run directories should go")
     result = subprocess.run([sys.executable, SCRIPT, "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
-                             "--total-timesteps", "256"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                             "--total-timesteps", "256"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: cannot create run directory runs/Pendulum-v1__ppo_continuous__1__" in result.stderr
     assert ": Not a directory" in result.stderr
@@ -1008,7 +1346,7 @@ def test_disk_full_while_writing_keeps_last_checkpoint_and_no_temporary_file(pen
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
 
     result = subprocess.run([sys.executable, SCRIPT, "--resume", checkpoint, "--total-timesteps", "1024"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900, preexec_fn=limit_file_size)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"error: cannot write checkpoint {checkpoint}: File too large; the last good checkpoint is" in result.stderr
     assert Path(checkpoint).read_bytes() == good and not os.path.exists(checkpoint + ".tmp")
@@ -1122,58 +1460,201 @@ def test_only_flat_box_spaces_are_accepted():
 def test_first_screen_shows_each_warning_once_and_the_time_left(tmp_path):
     result = subprocess.run([sys.executable, SCRIPT, "--env-id", "HalfCheetah-v4", "--num-envs", "4", "--num-steps",
                              "64", "--total-timesteps", "256", "--eval-episodes", "0"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("settotalmass") == 1  # MuJoCo says it once per sub-environment
     assert result.stderr.count("is out of date") == 1  # gymnasium says it once per make
     assert "0:00 left | return" in result.stdout
 
 
-# ---- Data parallel: two ranks under torchrun, gloo on loopback ----------------------------------------
-# Each run below starts `torchrun --nproc-per-node 2` on a small script that imports ppo_continuous, watches it
-# (the live agent and statistics handed to collect_rollout, the env steps taken) and saves what each rank saw.
-# It reports an approximate KL of 0 on rank 0 and 1 on rank 1: their mean, 0.5, is over the default --target-kl
-# 0.02, so every update stops after its first epoch, on both ranks; one rank's KL alone would split them.
-RANK_SPY = """
-import os, sys, torch
-sys.path.insert(0, {root!r})
-import ppo_continuous as ppo
-seen = {{"env_steps": 0, "first_obs": None}}
-collect_rollout, reward_scaler, ppo_loss = ppo.collect_rollout, ppo.RewardScaler, ppo.ppo_loss
-def spy_loss(new_logprob, old_logprob, advantages, *rest, **coefficients):
-    seen.setdefault("first_advantages", advantages.clone())
-    loss, stats = ppo_loss(new_logprob, old_logprob, advantages, *rest, **coefficients)
-    return loss, {{**stats, "approx_kl": torch.tensor(float(os.environ["RANK"]))}}  # made up: rank 0 0, rank 1 1
-def spy_rollout(envs, agent, obs_rms, raw_obs, *rest):
-    seen.update(agent=agent, obs_rms=obs_rms)
-    seen["first_obs"] = raw_obs.copy() if seen["first_obs"] is None else seen["first_obs"]
-    seen["env_steps"] += rest[1] * envs.num_envs  # num_steps x num_envs
-    return collect_rollout(envs, agent, obs_rms, raw_obs, *rest)
-def spy_scaler(*args):
-    seen["reward_scaler"] = reward_scaler(*args)
-    return seen["reward_scaler"]
-ppo.collect_rollout, ppo.RewardScaler, ppo.ppo_loss = spy_rollout, spy_scaler, spy_loss
-sys.argv = [ppo.__file__] + sys.argv[1:]
-try:
-    ppo.main()
-finally:
-    if "agent" in seen:  # training began
-        torch.save({{"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
-                    "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
-                    "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"]}},
-                   f"rank{{os.environ['RANK']}}.pt")
-"""
+def test_a_bad_mujoco_gl_matters_only_where_rendering_is_asked_for(pendulum_run, tmp_path):
+    """Bug caught: MuJoCo rejecting MUJOCO_GL at import, which broke every command (a traceback) though only
+    rendering reads it. Training MuJoCo and Pendulum and evaluating a checkpoint work; --capture-video says why not."""
+    for backend in ("nonsense_backend", "osmesa"):
+        env = {**os.environ, "MUJOCO_GL": backend}
+        for cli_args in (["--env-id", "HalfCheetah-v4", "--num-envs", "2", "--num-steps", "64", "--total-timesteps",
+                          "128", "--eval-episodes", "1", "--no-save-model"],
+                         ["--eval-checkpoint", f"{pendulum_run[0]}/checkpoint.pt", "--eval-episodes", "1"]):
+            result = run_script(*cli_args, cwd=tmp_path, env=env)
+            assert result.returncode == 0 and "Traceback" not in result.stderr, (backend, result.stderr[-2000:])
+    result = run_script("--env-id", "HalfCheetah-v4", "--capture-video", cwd=tmp_path,
+                        env={**os.environ, "MUJOCO_GL": "nonsense_backend"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: --capture-video cannot render HalfCheetah-v4" in result.stderr
+
+
+def test_resuming_an_older_copy_goes_on_in_a_new_run_and_leaves_the_newer_one_alone(tmp_path):
+    """Bug caught: a copy of an early checkpoint, resumed, overwriting its run's newer checkpoint.pt and purging the
+    TensorBoard points logged after the copy's step. The copy goes on in a new run directory and says so."""
+    common = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128", "--eval-episodes", "0"]
+    assert run_script(*common, "--total-timesteps", "256", cwd=tmp_path).returncode == 0
+    [run_dir] = glob.glob(f"{tmp_path}/runs/*")
+    early = shutil.copy(f"{run_dir}/checkpoint.pt", tmp_path / "early.pt")  # step 256
+    resumed = run_script("--resume", f"{run_dir}/checkpoint.pt", "--total-timesteps", "1024", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    newer = Path(run_dir, "checkpoint.pt").read_bytes()
+    points = scalars(run_dir, "losses/approx_kl")
+    assert len(points) == 4
+    copy = run_script("--resume", str(early), "--total-timesteps", "512", cwd=tmp_path)
+    assert copy.returncode == 0, copy.stderr
+    assert "early.pt is not a run's own checkpoint.pt: training goes on in runs/" in copy.stdout
+    assert Path(run_dir, "checkpoint.pt").read_bytes() == newer and scalars(run_dir, "losses/approx_kl") == points
+    [new_dir] = set(glob.glob(f"{tmp_path}/runs/*")) - {run_dir}
+    assert load_checkpoint(f"{new_dir}/checkpoint.pt")["global_step"] == 512
+
+
+def test_a_resume_never_writes_where_the_checkpoint_file_says(pendulum_run, tmp_path):
+    """Bug caught: the run directory stored in a checkpoint (which people download and share) trusted, so resuming
+    one that names an absolute path or runs/../../x wrote outside runs/. A checkpoint from before this fix carries
+    such a field; a resume writes in the folder of the path given."""
+    checkpoint_path = copy_of_run(pendulum_run, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    del checkpoint["sha256"]
+    for planted in (str(elsewhere), "runs/../../x"):
+        torch.save({**checkpoint, "run_dir": planted}, checkpoint_path)
+        result = run_script("--resume", checkpoint_path, "--total-timesteps", "768", "--eval-episodes", "0",
+                            cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert load_checkpoint(checkpoint_path)["global_step"] == 768
+    assert not elsewhere.exists() and not (tmp_path.parent / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "a/b", "..", ".", "", "back\\slash"])
+def test_exp_name_is_a_name_not_a_path(tmp_path, name):
+    """Bug caught: --exp-name ../../../escaped putting the run outside runs/."""
+    result = run_script("--env-id", "Pendulum-v1", "--exp-name", name, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: --exp-name must be a name, not a path (no / or \\, "
+                                                  f"not . or ..): {name!r}"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_tensor_of_a_checkpoint_is_checked_for_finite_values(pendulum_run, tmp_path):
+    """Bug caught: an inf in Adam's moments (or the return statistics) resuming silently, freezing a weight and
+    reaching the next checkpoint. The file is edited as a user's tool would, without the checksum."""
+    for part, edit in (("optimizer.state.0.exp_avg_sq", lambda c: c["optimizer"]["state"][0]["exp_avg_sq"]),
+                       ("return_rms.var", lambda c: c["return_rms"]["var"])):
+        checkpoint = load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")
+        edit(checkpoint).view(-1)[0] = float("inf")
+        torch.save(checkpoint, tmp_path / "inf.pt")
+        with pytest.raises(SystemExit, match=f"inf.pt holds non-finite values in {part}$"):
+            load_checkpoint(str(tmp_path / "inf.pt"))
+
+
+def test_a_corrupted_checkpoint_is_refused_by_its_checksum(tmp_path):
+    """Bug caught: bit flips in a checkpoint's tensor data loading silently as finite garbage (a weight of 2.7e37).
+    One bit of the log σ's bytes (-1.0 is 00 00 80 bf in float32) is flipped in the file itself; and a tensor is
+    changed with the saved checksum kept."""
+    agent = Agent(obs_dim=3, action_dim=2)
+    optimizer = torch.optim.Adam(agent.parameters())
+    state = training_state(Args(), agent, optimizer, RunningMeanStd((3,)), RewardScaler(2, 0.99, 10.0), 4096, 1.0)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(str(path), state)
+    assert load_checkpoint(str(path))["global_step"] == 4096
+    data = bytearray(path.read_bytes())
+    where = data.find(bytes.fromhex("000080bf000080bf"))
+    assert where > 0
+    data[where + 3] ^= 0x01  # bf80 0000 -> be80 0000: -1.0 becomes -0.25, finite and wrong
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="checkpoint.pt (is corrupted: its contents do not match the checksum saved"
+                                         " with them|is not a readable checkpoint)"):
+        load_checkpoint(str(path))
+    save_checkpoint(str(path), state)
+    raw = torch.load(path, weights_only=True)
+    raw["agent"]["critic.0.bias"][0] = 2.7e37  # finite: only the checksum tells
+    torch.save(raw, path)
+    with pytest.raises(SystemExit, match="is corrupted: its contents do not match the checksum saved with them"):
+        load_checkpoint(str(path))
+
+
+def test_resuming_a_finished_run_without_a_new_end_says_nothing_is_left(pendulum_run, tmp_path):
+    """Bug caught: a finished run resumed without a larger --total-timesteps re-saving and re-evaluating silently."""
+    checkpoint = copy_of_run(pendulum_run, tmp_path)
+    before = Path(checkpoint).read_bytes()
+    result = run_script("--resume", checkpoint, cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [
+        "error: the checkpoint has trained all 512 steps of its run: nothing is left to train (give a larger "
+        "--total-timesteps to go on)"]
+    assert Path(checkpoint).read_bytes() == before and "evaluation" not in result.stdout
+
+
+# ==== 2c. Data parallel: two ranks under torchrun, gloo on loopback ======================================
+# Each run below starts `torchrun --nproc-per-node 2` on one of the two functions that follow (rank_spy, rank_math),
+# imported from this file. rank_spy runs main() while it watches the live agent and statistics handed to
+# collect_rollout, the env steps taken, the random state, and every Adam step's gradient norm, and saves what each
+# rank saw. It reports an approximate KL of 0 on rank 0 and 1 on rank 1: their mean, 0.5, is over the default
+# --target-kl 0.02, so every update stops after its first epoch, on both ranks; one rank's KL alone would split them.
+def rank_spy() -> None:
+    seen = {"env_steps": 0, "first_obs": None, "grad_norms": []}
+    collect_rollout, reward_scaler, loss = ppo_continuous.collect_rollout, RewardScaler, ppo_continuous.ppo_loss
+
+    def spy_loss(new_logprob, old_logprob, advantages, *rest, **coefficients):
+        seen.setdefault("first_advantages", advantages.clone())
+        total, stats = loss(new_logprob, old_logprob, advantages, *rest, **coefficients)
+        return total, {**stats, "approx_kl": torch.tensor(float(os.environ["RANK"]))}  # made up: rank 0 0, rank 1 1
+
+    def spy_rollout(envs, agent, obs_rms, raw_obs, *rest):
+        seen.update(agent=agent, obs_rms=obs_rms)
+        seen.setdefault("first_rng_state", torch.get_rng_state())  # what this rank's noise and shuffles draw from
+        seen["first_obs"] = raw_obs.copy() if seen["first_obs"] is None else seen["first_obs"]
+        seen["env_steps"] += rest[1] * envs.num_envs  # num_steps x num_envs
+        return collect_rollout(envs, agent, obs_rms, raw_obs, *rest)
+
+    def spy_scaler(*args):
+        seen["reward_scaler"] = reward_scaler(*args)
+        return seen["reward_scaler"]
+
+    def record_norm(optimizer, args, kwargs):  # after averaging and clipping, before the step
+        norms = [torch.linalg.vector_norm(p.grad) for group in optimizer.param_groups for p in group["params"]]
+        seen["grad_norms"].append(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+    ppo_continuous.collect_rollout, ppo_continuous.RewardScaler, ppo_continuous.ppo_loss = (spy_rollout, spy_scaler,
+                                                                                            spy_loss)
+    register_optimizer_step_pre_hook(record_norm)
+    sys.argv = [ppo_continuous.__file__] + sys.argv[1:]
+    try:
+        ppo_continuous.main()
+    finally:
+        if "agent" in seen:  # training began
+            torch.save({"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
+                        "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
+                        "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"],
+                        "first_rng_state": seen["first_rng_state"], "grad_norms": seen["grad_norms"]},
+                       f"rank{os.environ['RANK']}.pt")
+
+
+def rank_math() -> None:
+    """Each rank holds its half of a batch: rank 0 [1, 2], rank 1 [3, 5]; what the exchanges make of them."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mean, std = ppo_continuous.mean_and_std(torch.tensor([[1.0, 2.0], [3.0, 5.0]][rank]))
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    parameter.grad = torch.tensor([[1.0, -2.0], [3.0, 4.0]][rank])
+    ppo_continuous.average_gradients([parameter])
+    statistics = RunningMeanStd()
+    statistics.update(np.array([[1.0, 2.0], [3.0, 5.0]][rank]))
+    kl = ppo_continuous.mean_over_ranks(torch.tensor([0.01, 0.03][rank])).item()
+    results = dict(mean=mean.item(), std=std.item(), grad=parameter.grad.tolist(), kl=kl,
+                   gathered=ppo_continuous.all_ranks(rank * 10),
+                   statistics=[statistics.mean.item(), statistics.var.item(), statistics.count])
+    Path(f"math{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 TWO_RANK_RUN = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
-                "--update-epochs", "3", "--norm-adv", "--lr-kl-target", "0.01", "--eval-episodes", "1"]
+                "--update-epochs", "3", "--norm-adv", "--lr-kl-target", "0.01", "--eval-episodes", "1",
+                "--max-grad-norm", "0.001"]
 
 
-def torchrun(tmp_path, script: str, *cli_args: str) -> subprocess.Popen:
-    """torchrun with 2 ranks on `script` (formatted with root, the repository), in its own process group."""
-    (tmp_path / "ranks.py").write_text(script.format(root=str(Path(SCRIPT).parent)))
+def torchrun(tmp_path, rank_function, *cli_args: str) -> subprocess.Popen:
+    """torchrun with 2 ranks, each running rank_function of this file, in its own process group."""
+    (tmp_path / "ranks.py").write_text(f"import test_ppo\ntest_ppo.{rank_function.__name__}()\n")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "ranks.py",
                *cli_args]
+    env = {**os.environ, "PYTHONPATH": with_repo_on_path()}
     return subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def children(parent: int) -> list[int]:
@@ -1186,10 +1667,17 @@ def children(parent: int) -> list[int]:
     return pids
 
 
-def finish(process: subprocess.Popen, timeout: float = 90) -> subprocess.CompletedProcess:
-    """Wait for a torchrun; whatever happens (a hang, say), leave none of its processes behind."""
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a torchrun; whatever happens (a hang: no CPU used for 120 s), leave none of its processes behind."""
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        output = {}
+        with contextlib.ExitStack() as stack:  # read the pipes in the background, so that they never fill
+            for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
+                thread = threading.Thread(target=lambda n=name, p=pipe: output.__setitem__(n, p.read()), daemon=True)
+                thread.start()
+                stack.callback(thread.join, 30)
+            wait_until(lambda: process.poll() is not None, process, "the end of the run")
+        stdout, stderr = output.get("stdout", ""), output.get("stderr", "")
     finally:
         for pid in [*children(process.pid), process.pid]:
             with contextlib.suppress(ProcessLookupError):
@@ -1208,30 +1696,10 @@ def assert_ranks_hold_one_policy(tmp_path) -> list[dict]:
     return ranks
 
 
-RANK_MATH = """
-import json, os, sys, numpy as np, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import ppo_continuous as ppo
-dist.init_process_group("gloo")
-rank = dist.get_rank()
-mean, std = ppo.mean_and_std(torch.tensor([[1.0, 2.0], [3.0, 5.0]][rank]))
-parameter = torch.nn.Parameter(torch.zeros(2))
-parameter.grad = torch.tensor([[1.0, -2.0], [3.0, 4.0]][rank])
-ppo.average_gradients([parameter])
-statistics = ppo.RunningMeanStd()
-statistics.update(np.array([[1.0, 2.0], [3.0, 5.0]][rank]))
-kl = ppo.mean_over_ranks(torch.tensor([0.01, 0.03][rank])).item()
-results = dict(mean=mean.item(), std=std.item(), grad=parameter.grad.tolist(), kl=kl, gathered=ppo.all_ranks(rank * 10),
-               statistics=[statistics.mean.item(), statistics.var.item(), statistics.count])
-json.dump(results, open(f"math{{rank}}.json", "w"))
-dist.destroy_process_group()
-"""
-
-
 def test_ranks_combine_their_shares_as_one_batch_by_hand(tmp_path):
     """Bugs caught: advantages normalized by one rank's minibatch share, gradients summed instead of averaged,
     one rank's KL deciding the stop, statistics merging one rank's batch. Rank 0 holds [1, 2], rank 1 [3, 5]."""
-    result = finish(torchrun(tmp_path, RANK_MATH))
+    result = finish(torchrun(tmp_path, rank_math))
     assert result.returncode == 0, result.stderr
     rank0, rank1 = (json.loads((tmp_path / f"math{rank}.json").read_text()) for rank in (0, 1))
     assert rank0 == rank1
@@ -1249,7 +1717,7 @@ def test_ranks_combine_their_shares_as_one_batch_by_hand(tmp_path):
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ranks")
-    result = finish(torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "512"))  # 2 x 2 ranks x 2 x 64
+    result = finish(torchrun(tmp_path, rank_spy, *TWO_RANK_RUN, "--total-timesteps", "512"))  # 2 x 2 ranks x 2 x 64
     assert result.returncode == 0, result.stderr
     return tmp_path, result
 
@@ -1275,6 +1743,12 @@ def test_two_ranks_train_one_policy_and_count_every_step(two_rank_run):
     assert scalars(os.path.dirname(checkpoint_path), "charts/epochs_run") == [1, 1]  # of 3: KL 0.5 ends each update
     assert result.stdout.count("evaluation:") == 1 and result.stdout.count("checkpoint of step 512") == 1  # rank 0
     assert len(glob.glob(f"{tmp_path}/runs/*")) == 1
+    # every rank draws its own noise and shuffles (rank r seeds with seed + r)
+    assert not torch.equal(ranks[0]["first_rng_state"], ranks[1]["first_rng_state"])
+    # the mean gradient is clipped, not each rank's share before averaging: with --max-grad-norm 0.001 binding,
+    # every step's norm is 0.001 on both ranks (the mean of two clipped gradients in different directions is shorter)
+    for rank in ranks:
+        assert len(rank["grad_norms"]) == 2 * 2 and rank["grad_norms"] == pytest.approx([1e-3] * 4, rel=1e-4)
 
 
 def test_two_rank_checkpoint_resumes_with_two_ranks_only(two_rank_run, tmp_path):
@@ -1282,7 +1756,7 @@ def test_two_rank_checkpoint_resumes_with_two_ranks_only(two_rank_run, tmp_path)
     (its iterations and learning-rate schedule assume the batch of 2 ranks)."""
     shutil.copytree(two_rank_run[0] / "runs", tmp_path / "runs")
     checkpoint_path = glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0]
-    result = finish(torchrun(tmp_path, RANK_SPY, "--resume", checkpoint_path, "--total-timesteps", "1024"))
+    result = finish(torchrun(tmp_path, rank_spy, "--resume", checkpoint_path, "--total-timesteps", "1024"))
     assert result.returncode == 0, result.stderr
     assert_ranks_hold_one_policy(tmp_path)
     assert load_checkpoint(checkpoint_path)["global_step"] == 1024
@@ -1295,7 +1769,7 @@ def test_an_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
     """Bug caught: rank 0 exiting on an error only it meets (here: no run directory, as `runs` is a file) while the
     other ranks wait for it in the next exchange and die of a lost connection, or hang."""
     (tmp_path / "runs").write_text("")
-    result = finish(torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "512"), timeout=60)
+    result = finish(torchrun(tmp_path, rank_spy, *TWO_RANK_RUN, "--total-timesteps", "512"))
     assert result.returncode != 0
     assert result.stderr.count("error: cannot create run directory runs/Pendulum-v1__") == 2  # each rank's line
     assert "Connection closed" not in result.stderr and "[rank" not in result.stderr  # no rank's traceback
@@ -1314,16 +1788,13 @@ def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path, signum, to):
     """Bug caught: each rank honouring a signal on its own, so a rank that saw it leaves while the other waits in
     the next exchange, or every rank writing the checkpoint. Ctrl-C reaches torchrun and both ranks; a signal sent
     to one rank (kill <pid>) must stop the other too."""
-    process = torchrun(tmp_path, RANK_SPY, *TWO_RANK_RUN, "--total-timesteps", "100000000")
-    deadline = time.time() + 60
-    while not glob.glob(f"{tmp_path}/runs/*/events.out.tfevents.*") and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)
+    process = torchrun(tmp_path, rank_spy, *TWO_RANK_RUN, "--total-timesteps", "100000000", "--checkpoint-every", "1")
+    wait_until(lambda: glob.glob(f"{tmp_path}/runs/*/checkpoint.pt"), process, "the first iteration's checkpoint")
     if to == "group":
         os.killpg(process.pid, signum)
     else:
         os.kill(rank_pid(process.pid, 1), signum)
-    result = finish(process, timeout=60)
+    result = finish(process)
     assert result.stdout.count(f"stopped by {signal.Signals(signum).name}") == 1, result.stderr  # printed by rank 0
     assert result.stdout.count("checkpoint of step") == 1 and "[rank" not in result.stderr
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
