@@ -997,6 +997,27 @@ def test_steps_per_second_and_time_left_after_a_resume(tmp_path, monkeypatch, ca
     assert f"step       768/1,024 | {int(fresh_sps)} SPS | {minutes}:{seconds:02d} left" in capsys.readouterr().out
 
 
+def test_a_resumed_run_continues_the_random_state_it_was_saved_with(tmp_path, monkeypatch):
+    """Bug caught: a resumed run drawing its noise and shuffles from a freshly seeded generator (a repeat of the first
+    session's draws) instead of where the checkpoint left off. With every epoch run (no KL stop), each iteration
+    draws the same amount, so the state at the start of iteration 3 is the same straight through and resumed."""
+    monkeypatch.chdir(tmp_path)
+    states = []
+    monkeypatch.setattr(ppo_continuous, "collect_rollout",
+                        lambda *a: states.append(torch.get_rng_state()) or collect_rollout(*a))
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=4 * 256, checkpoint_every=2, eval_episodes=0,
+                            **SMALL))
+    straight = states[:]
+    # the same run stopped after 2 iterations (its schedule planned for 2), then extended to 4
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=2 * 256, eval_episodes=0, exp_name="half", **SMALL))
+    halfway = load_checkpoint(f"{run_dir}/checkpoint.pt")
+    states.clear()
+    resumed = resume_args(Args(resume="x", total_timesteps=4 * 256), halfway, {"resume", "total_timesteps"})
+    train(resumed, halfway, run_dir)
+    assert len(states) == 2 and torch.equal(states[0], straight[2]) and torch.equal(states[1], straight[3])
+    assert not torch.equal(straight[0], straight[2])  # the state does move from iteration to iteration
+
+
 # ==== 2b. Whole runs: the lifecycle (checkpoints, evaluation, resume, signals, reliability) ===========
 # ---- Checkpoints, evaluation, resume, interruption ----------------------------------------------------
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@
     python .ci/plant_bugs.py 5 R1       # the kinds whose labels start so
 
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
-R1-R14 issue #10's (by item number), K, L, E and W issue #11's, D issue #12's (data parallel), F a formula's.
+R1-R14 issue #10's (by item number), K, L, E and W issue #11's, D issue #12's (data parallel), F a formula's,
+T issue #23's (properties of the loop and the update), C issue #24's (reliability).
 """
 
 import os
@@ -121,6 +122,69 @@ KINDS = [
      "test_critic_width"),
     ("W4 zero critic width accepted", '"torch_threads",\n      "critic_width"),', '"torch_threads"),',
      "test_every_numeric_option_is_checked_against_its_domain"),
+    # issue #23: properties of the loop and the update, and the held-out areas
+    ("T1 s_T normalized after the statistics moved",
+     "            next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)  # s_T, normalized like s_t\n"
+     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts only\n',
+     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts only\n'
+     "            next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)  # s_T, normalized like s_t\n",
+     "test_gae_is_fed_the_state_after_the_rollout"),
+    ("T2 s_T taken as the last stored state", "next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)",
+     'next_obs = rollout["obs"][-1]', "test_gae_is_fed_the_state_after_the_rollout"),
+    ("T3 reward scaler told of terminations only", 'reward_scaler(rollout["rewards"], rollout["dones"])',
+     'reward_scaler(rollout["rewards"], rollout["terminations"])', "test_training_restarts_the_scaled_return"),
+    ("T4 return restarted every rollout", "        returns = np.empty_like(rewards, dtype=np.float64)\n",
+     "        returns = np.empty_like(rewards, dtype=np.float64)\n        self.returns = 0 * self.returns\n",
+     "test_reward_scaler_carries or test_training_restarts_the_scaled_return"),
+    ("T5 gradients accumulate across minibatches", "            optimizer.zero_grad()\n", "",
+     "test_each_adam_step_uses_the_gradient_of_its_own_minibatch_alone"),
+    ("T6 no reshuffle between epochs", "permutation = torch.randperm(batch_size,",
+     "permutation = torch.arange(batch_size,", "test_each_epoch_reshuffles_the_whole_batch"),
+    ("T7 minibatches drawn with replacement", "permutation = torch.randperm(batch_size,",
+     "permutation = torch.randint(batch_size, (batch_size,),", "test_each_epoch_reshuffles_the_whole_batch"),
+    ("T8 KL stop averages every minibatch so far", 'for stats in epoch_stats])\n',
+     'for stats in update_stats + epoch_stats])\n', "test_target_kl_reads_the_mean_of_the_epochs_own_minibatches"),
+    ("T9 clipped before averaging over ranks",
+     "            average_gradients(parameters)  # III: the mean over ranks\n"
+     "            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n",
+     "            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n"
+     "            average_gradients(parameters)  # III: the mean over ranks\n",
+     "test_two_ranks_train_one_policy"),
+    ("T10 ranks seeded alike", "seed(args.seed + rank)", "seed(args.seed)", "test_two_ranks_train_one_policy"),
+    ("T11 resumed run reseeds", '        torch.set_rng_state(checkpoint["torch_rng"])\n', "        pass\n",
+     "test_a_resumed_run_continues_the_random_state"),
+    ("T12 final evaluation samples", "stochastic=self.args.eval_stochastic", "stochastic=True",
+     "test_evaluation_takes_the_mean_action"),
+    ("T13 --eval-checkpoint samples", "clip_obs=checkpoint[\"args\"][\"clip_obs\"], stochastic=args.eval_stochastic",
+     "clip_obs=checkpoint[\"args\"][\"clip_obs\"], stochastic=True", "test_evaluation_takes_the_mean_action"),
+    ("T14 a stop with --no-save-model is not saved", "if stop.agreed() or args.save_model:", "if args.save_model:",
+     "test_stop_signal_saves_checkpoint_and_leaves_no_workers"),
+    ("T15 an episode's length off by one", "(step, episode_return, length) for",
+     "(step, episode_return, length - 1) for",
+     "test_each_logged_episode_is_that_episodes_own_return_and_length"),
+    ("T16 an episode logged one step late", "(self.args.num_steps - step - 1) * steps_per_env_step",
+     "(self.args.num_steps - step - 2) * steps_per_env_step", "test_each_logged_episode"),
+    ("T17 one log sigma for every action dimension", "torch.full((action_dim,), float(init_logstd))",
+     "torch.full((1,), float(init_logstd))", "test_policy_shapes_with_several_action_dimensions"),
+    ("T18 gamma 0 refused", "lambda v: 0 <= v <= 1,", "lambda v: 0 < v <= 1,", "test_the_edges_of_every_option_domain"),
+    ("T19 steps/s counts earlier sessions", "self.start_step, self.start_time, self.last_print = global_step,",
+     "self.start_step, self.start_time, self.last_print = 0,", "test_steps_per_second_and_time_left_after_a_resume"),
+    # issue #24: reliability
+    ("C1 a bad MUJOCO_GL breaks training", '        os.environ["MUJOCO_GL"] = "disable"\n', "        pass\n",
+     "test_a_bad_mujoco_gl_matters_only"),
+    ("C2 resuming a copy writes in its run", 'if os.path.basename(path) == "checkpoint.pt" else None',
+     'if True else None', "test_resuming_an_older_copy"),
+    ("C3 the file's run directory trusted", "train(args, checkpoint, resume_dir(args.resume) if checkpoint else None)",
+     'train(args, checkpoint, checkpoint.get("run_dir") or resume_dir(args.resume) if checkpoint else 0)',
+     "test_a_resume_never_writes_where_the_checkpoint_file_says"),
+    ("C4 --exp-name may be a path", 'if args.exp_name in ("", ".", "..") or', "if False and",
+     "test_exp_name_is_a_name"),
+    ("C5 only the weights checked for finite values", 'name.split(".")[0] != "args"',
+     'name.split(".")[0] == "agent"', "test_every_tensor_of_a_checkpoint_is_checked"),
+    ("C6 the checksum not compared", 'checkpoint.pop("sha256") != content_digest(checkpoint)',
+     'checkpoint.pop("sha256") is None', "test_a_corrupted_checkpoint_is_refused"),
+    ("C7 a finished run resumes silently", 'if checkpoint["iteration"] >= resumed.total_timesteps',
+     'if False and checkpoint["iteration"] >= resumed.total_timesteps', "test_resuming_a_finished_run"),
 ]
 
 
