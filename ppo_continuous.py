@@ -945,9 +945,16 @@ def main() -> None:
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, given)
     start_ranks(pick_device(args.cuda))
-    rank = rank_and_world_size()[0]
+    rank, world_size = rank_and_world_size()
     try:
         train(args, checkpoint, resume_dir(args.resume) if checkpoint else None)
+        if world_size > 1:  # no rank tears its connections down while another still uses them
+            dist.barrier()
+    except (RuntimeError, dist.DistError) as error:  # a collective whose peer is gone: a rank died or was killed
+        if world_size == 1 or not isinstance(error, dist.DistError) and "Connection" not in str(error):
+            raise
+        raise SystemExit(f"error: rank {rank} lost its connection to another rank, which stopped or died (its own "
+                         f"output says why): {one_line(error)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1821,3 +1821,15 @@ def test_stop_signal_stops_every_rank_with_one_checkpoint(tmp_path, signum, to):
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0])
     assert checkpoint["global_step"] == checkpoint["iteration"] * 2 * 2 * 64 > 0
     assert_ranks_hold_one_policy(tmp_path)
+
+
+def test_a_killed_rank_leaves_the_other_with_one_line(tmp_path):
+    """Bug caught: when one rank dies (SIGKILL, out of memory), the other ending in a gloo traceback from the exchange
+    it was waiting in. It ends with one line that says what happened and where to look."""
+    process = torchrun(tmp_path, rank_spy, *TWO_RANK_RUN, "--total-timesteps", "100000000", "--checkpoint-every", "1")
+    wait_until(lambda: glob.glob(f"{tmp_path}/runs/*/checkpoint.pt"), process, "the first iteration's checkpoint")
+    os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
+    result = finish(process)
+    assert result.returncode != 0
+    assert "error: rank 0 lost its connection to another rank, which stopped or died" in result.stderr
+    assert "[rank0]" not in result.stderr  # no line of a rank's traceback

@@ -185,6 +185,8 @@ KINDS = [
      'checkpoint.pop("sha256") is None', "test_a_corrupted_checkpoint_is_refused"),
     ("C7 a finished run resumes silently", 'if checkpoint["iteration"] >= resumed.total_timesteps',
      'if False and checkpoint["iteration"] >= resumed.total_timesteps', "test_resuming_a_finished_run"),
+    ("C8 a lost rank ends in a traceback", "except (RuntimeError, dist.DistError) as error:",
+     "except ImportError as error:", "test_a_killed_rank_leaves_the_other_with_one_line"),
 ]
 
 
