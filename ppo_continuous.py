@@ -82,21 +82,21 @@ class Args:  # each comment is the option's --help text
 
 
 # ---- Environments: N copies stepped as one batch ------------------------------------------------
-# Autoreset: gymnasium 1.x resets an ended sub-environment on the NEXT_STEP (a fake transition that
-# ignores the action and pays 0, to mask out of GAE and the loss) or on the SAME_STEP (the ending step
-# returns the reset observation, the true last one in infos["final_obs"]). SAME_STEP keeps every
-# stored transition real, the final observation a time-limit cut bootstraps from at hand. Gymnasium's
-# NormalizeObservation refuses SAME_STEP, so normalization below is ours, applied to both.
+# Autoreset: gymnasium 1.x resets an ended sub-environment on the NEXT_STEP (a fake transition
+# that ignores the action and pays 0, to mask out of GAE and the loss) or on the SAME_STEP (the
+# ending step returns the reset observation, the true last one in infos["final_obs"]). SAME_STEP
+# keeps every stored transition real, the final observation a time-limit cut bootstraps from at
+# hand. Gymnasium's NormalizeObservation refuses SAME_STEP, so normalization below is ours.
 def make_env(env_id: str, **kwargs) -> gym.Env:
     """gym.make, with any failure to build the environment reported in one line."""
     try:
         return gym.make(env_id, **kwargs)
-    except Exception as error:  # unknown ids, missing packages, broken constructors: each its own type
+    except Exception as error:  # unknown ids, missing packages, broken constructors: many types
         raise SystemExit(f"error: cannot make environment {env_id!r}: {one_line(error)}")
 
 
 def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
-    """Observation and action spaces of env_id, or exit with one line if PPO here cannot train on it."""
+    """Observation and action spaces of env_id, or exit with one line if PPO cannot use them."""
     probe = make_env(env_id)
     probe.close()
     for name, space in (("observations", probe.observation_space), ("actions", probe.action_space)):
@@ -151,7 +151,7 @@ def normalize_obs(obs: np.ndarray, obs_rms: RunningMeanStd, clip: float) -> np.n
 
 
 class RewardScaler:
-    """r_t / std of the return G_t = γ G_{t-1} + r_t (no mean shift); G restarts at an episode end."""
+    """r_t / std of the return G_t = γ G_{t-1} + r_t (no mean shift); G restarts at each end."""
 
     def __init__(self, num_envs: int, gamma: float, clip: float):
         self.return_rms = RunningMeanStd()
@@ -185,8 +185,9 @@ class Agent(nn.Module):
     def mlp(in_dim: int, out_dim: int, out_gain: float, width=64) -> nn.Sequential:
         """in → width → width → out, tanh between; orthogonal weights (gain √2, out_gain last)."""
         layers = []
-        gain = np.sqrt(2)
-        for n_in, n_out, gain in ((in_dim, width, gain), (width, width, gain), (width, out_dim, out_gain)):
+        hidden = np.sqrt(2)  # the tanh layers' gain
+        shapes = ((in_dim, width, hidden), (width, width, hidden), (width, out_dim, out_gain))
+        for n_in, n_out, gain in shapes:
             layers += [nn.Linear(n_in, n_out), nn.Tanh()]
             nn.init.orthogonal_(layers[-2].weight, gain)
             nn.init.constant_(layers[-2].bias, 0.0)
@@ -256,11 +257,11 @@ def compute_gae(rewards, values, next_value, final_values, terminations, dones,
     """Advantage estimates Â_t and value targets R_t = Â_t + V(s_t) for a (T, N) rollout.
 
     rewards r_t (scaled), values V(s_t), terminations and dones (terminated or truncated): (T, N);
-    next_value = V(s_T) of the state after the rollout is (N,); final_values[t] = V(final obs) is read
-    only where done_t: after an end, the next stored state is the reset one, not where it led.
+    next_value = V(s_T) of the state after the rollout is (N,); final_values[t] = V(final obs) is
+    read only where done_t: after an end, the next stored state is the reset one, not where it led.
         V(s_{t+1}) = final_values[t] if done_t else values[t+1]
         δ_t = r_t + γ (1 - terminated_t) V(s_{t+1}) - V(s_t)    a time-limit cut still bootstraps
-        Â_t = δ_t + γλ (1 - done_t) Â_{t+1}                      no credit flows across an episode end
+        Â_t = δ_t + γλ (1 - done_t) Â_{t+1}                      no credit flows across an end
     """
     following = torch.cat([values[1:], next_value[None]])
     next_values = torch.where(dones.bool(), final_values, following)
@@ -274,14 +275,16 @@ def compute_gae(rewards, values, next_value, final_values, terminations, dones,
     return advantages, advantages + values
 
 
-def advantages_now(agent: Agent, rollout: dict, gamma: float, gae_lambda: float):
+def advantages_now(agent: Agent, rollout: dict, gamma: float, gae_lambda: float) -> dict:
     """V(s_t), Â_t and R_t of a (T, N) rollout, with the critic as it is now."""
     with torch.no_grad():
         values = agent.value(rollout["obs"])
-        next_value, final_values = agent.value(rollout["next_obs"]), agent.value(rollout["final_obs"])
+        next_value = agent.value(rollout["next_obs"])
+        final_values = agent.value(rollout["final_obs"])
         advantages, returns = compute_gae(rollout["rewards"], values, next_value, final_values,
-                                          rollout["terminations"], rollout["dones"], gamma, gae_lambda)
-    return values, advantages, returns
+                                          rollout["terminations"], rollout["dones"],
+                                          gamma, gae_lambda)
+    return {"values": values, "advantages": advantages, "returns": returns}
 
 
 # ---- Loss: -L^CLIP + c1 L^VF - c2 S, from the ratio r_t(θ) --------------------------------------
@@ -291,7 +294,7 @@ def ppo_loss(new_logprob, old_logprob, advantages, new_value, old_value, returns
     c1 = vf_coef, c2 = ent_coef).
     r_t(θ) = π_θ(a_t|s_t) / π_old(a_t|s_t)
     L^CLIP = E[min(r_t Â_t, clip(r_t, 1-ε, 1+ε) Â_t)]   a pessimistic bound: no gain from r past 1±ε
-    L^VF   = E[½ (V(s_t) - R_t)²]                       optionally the max with V clipped to V_old ± ε
+    L^VF   = E[½ (V(s_t) - R_t)²]                       optionally the max with V clipped to V_old±ε
     S      = E[entropy of π_θ(·|s_t)]
     """
     log_ratio = new_logprob - old_logprob
@@ -324,8 +327,7 @@ def ppo_update(agent: Agent, optimizer, batch: dict, rollout: dict, args: Args, 
     update_stats, epochs_run, epoch_kl = [], 0, 0.0
     for epoch in range(args.update_epochs):
         if args.recompute_advantages and epoch > 0:
-            values, advantages, returns = advantages_now(agent, rollout, args.gamma, args.gae_lambda)
-            batch = batch | flat(values=values, advantages=advantages, returns=returns)
+            batch = batch | flat(advantages_now(agent, rollout, args.gamma, args.gae_lambda))
         permutation = torch.randperm(batch_size, device=batch["obs"].device)
         shuffled = {name: x[permutation] for name, x in batch.items()}  # one gather per epoch
         epoch_stats = []
@@ -336,9 +338,10 @@ def ppo_update(agent: Agent, optimizer, batch: dict, rollout: dict, args: Args, 
                 mb["advantages"] = (mb["advantages"] - mean) / (std + 1e-8)
             new_logprob = agent.log_prob(mb["obs"], mb["actions"])  # log π_θ(a_t|s_t)
             new_value = agent.value(mb["obs"])  # V_φ(s_t)
-            loss, stats = ppo_loss(new_logprob, mb["logprobs"], mb["advantages"], new_value, mb["values"],
-                                   mb["returns"], agent.entropy(), clip_coef=args.clip_coef,
-                                   vf_coef=args.vf_coef, ent_coef=ent_coef, clip_vloss=args.clip_vloss)
+            loss, stats = ppo_loss(new_logprob, mb["logprobs"], mb["advantages"], new_value,
+                                   mb["values"], mb["returns"], agent.entropy(),
+                                   clip_coef=args.clip_coef, vf_coef=args.vf_coef,
+                                   ent_coef=ent_coef, clip_vloss=args.clip_vloss)
             optimizer.zero_grad()
             loss.backward()
             average_gradients(parameters)  # III: the mean over ranks
@@ -357,9 +360,9 @@ def ppo_update(agent: Agent, optimizer, batch: dict, rollout: dict, args: Args, 
     return dict(zip(update_stats[0], means)), epochs_run, epoch_kl
 
 
-def flat(**tensors: Tensor) -> dict:
+def flat(columns: dict) -> dict:
     """(T, N) tensors as the (T·N) columns of a batch."""
-    return {name: x.reshape(-1) for name, x in tensors.items()}
+    return {name: x.reshape(-1) for name, x in columns.items()}
 
 
 def adapted_lr_scale(lr_scale: float, epoch_kl: float, lr_kl_target: float | None) -> float:
@@ -417,7 +420,7 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
             # -- Â_t and R_t by GAE, and log π_old(a_t|s_t) of the whole batch at once -------------
             update_start = time.time()
             next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)  # s_T, normalized like s_t
-            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts only
+            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts
             rollout["rewards"] = reward_scaler(rollout["rewards"], rollout["dones"])  # r_t / std(G)
             rollout = {name: torch.as_tensor(x, dtype=torch.float32, device=device)
                        for name, x in {**rollout, "next_obs": next_obs}.items()}
@@ -425,16 +428,15 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
                      "actions": rollout["actions"].reshape(-1, action_dim)}
             with torch.no_grad():  # π_old is the policy that acted
                 batch["logprobs"] = agent.log_prob(batch["obs"], batch["actions"])
-            values, advantages, returns = advantages_now(agent, rollout, args.gamma, args.gae_lambda)
-            batch |= flat(values=values, advantages=advantages, returns=returns)
+            batch |= flat(advantages_now(agent, rollout, args.gamma, args.gae_lambda))
 
-            # -- K epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S -----------------------------
-            stats, epochs_run, epoch_kl = ppo_update(agent, optimizer, batch, rollout, args, ent_coef)
-            lr_scale = adapted_lr_scale(lr_scale, epoch_kl, args.lr_kl_target)
+            # -- K epochs of minibatch Adam on -L^CLIP + c1 L^VF - c2 S ----------------------------
+            stats, epochs, last_kl = ppo_update(agent, optimizer, batch, rollout, args, ent_coef)
+            lr_scale = adapted_lr_scale(lr_scale, last_kl, args.lr_kl_target)
 
-            # -- Around: guard, log, checkpoint, stop (part II) -------------------------------------
+            # -- Around: guard, log, checkpoint, stop (part II) ------------------------------------
             run.check_finite(global_step, stats, obs_rms, reward_scaler, agent)
-            run.log_iteration(global_step, finished, batch, stats, lr=lr, epochs_run=epochs_run,
+            run.log_iteration(global_step, finished, batch, stats, lr=lr, epochs_run=epochs,
                               timings=(rollout_start, update_start))
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 run.save(agent, optimizer, obs_rms, reward_scaler, global_step, lr_scale)

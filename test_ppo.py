@@ -955,6 +955,7 @@ def test_evaluation_takes_the_mean_action_unless_asked_to_sample(pendulum_run, t
     monkeypatch.setattr(ppo_continuous, "evaluate", lambda *a, **k: (noises.clear(), evaluate(*a, **k))[1])
     train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=1, save_model=False, **SMALL))
     assert len(noises) == 200 and all(not noise.any() for noise in noises)
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # main() sets it for its process: put it back afterwards
     for sampled in (False, True):
         noises.clear()
         monkeypatch.setattr(sys, "argv", ["ppo_continuous.py", "--eval-checkpoint", f"{pendulum_run[0]}/checkpoint.pt",
