@@ -1545,7 +1545,8 @@ def test_a_resume_never_writes_where_the_checkpoint_file_says(pendulum_run, tmp_
 @pytest.mark.parametrize("name", ["../../../escaped", "a/b", "..", ".", "", "back\\slash"])
 def test_exp_name_is_a_name_not_a_path(tmp_path, name):
     """Bug caught: --exp-name ../../../escaped putting the run outside runs/."""
-    result = run_script("--env-id", "Pendulum-v1", "--exp-name", name, cwd=tmp_path)
+    result = run_script("--env-id", "Pendulum-v1", "--exp-name", name, "--total-timesteps", "256", "--num-envs", "2",
+                        "--num-steps", "128", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: --exp-name must be a name, not a path (no / or \\, "
                                                   f"not . or ..): {name!r}"]

@@ -21,6 +21,10 @@ each final checkpoint (10 deterministic episodes), and writes benchmarks/results
 the evaluation; mean ± std over seeds) and returns.png (mean learning curve with a ±std band);
 `--ranks 2` trains each run as 2 torchrun ranks (one run at a time), `--out` renames those files.
 
+pool: pools final tables (`--tables returns finalE1b`: their <name>_curves.csv and <name>.md) into one table per
+env: mean ± std over every seed, a 95 % percentile-bootstrap interval of the mean (10,000 resamples within each
+env, seeded), the interquartile mean and the worst seed; writes <out>.md and <out>.png.
+
 exchange: times the one all-reduce that data-parallel training makes per Adam step (the gradient of the
 default HalfCheetah networks) between `--ranks` gloo ranks under torchrun, idle and with a matrix
 product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md.
@@ -171,11 +175,6 @@ def train_and_evaluate(env_id: str, seed: int, steps: int, extra: list[str], ran
 
 
 def returns_mode(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     jobs = [(env_id, seed) for env_id in args.envs for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=max(1, 2 // args.ranks)) as pool:  # two processes at a time: one per core
         runs = list(pool.map(lambda job: train_and_evaluate(*job, args.steps, args.extra, args.ranks), jobs))
@@ -203,22 +202,73 @@ def returns_mode(args) -> None:
         f.write("\nPer run (final / evaluation): " + "; ".join(
             f"{run['env']} seed {run['seed']}: {run['final']:,.0f} / {run['eval']:,.0f}" for run in runs) + "\n")
 
-    figure, axes = plt.subplots(1, len(args.envs), figsize=(5 * len(args.envs), 3.5), squeeze=False)
-    grid = np.linspace(0, args.steps, 101)[1:]
-    for axis, env_id in zip(axes[0], args.envs):
+    plot_curves(runs, args.envs, args.steps, os.path.join(RESULTS, f"{args.out}.png"))
+
+
+def plot_curves(runs: list[dict], envs: list[str], steps: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.5), squeeze=False)
+    grid = np.linspace(0, steps, 101)[1:]
+    for axis, env_id in zip(axes[0], envs):
         # each seed's mean of its last 10 episodes, on a common step grid; then mean and std across seeds
         curves = []
         for run in (run for run in runs if run["env"] == env_id):
-            steps, values = np.array(run["episodes"]).T
+            run_steps, values = np.array(run["episodes"]).T
             last10 = np.array([values[max(0, i - 9) : i + 1].mean() for i in range(len(values))])
-            curves.append(np.interp(grid, steps, last10))
+            curves.append(np.interp(grid, run_steps, last10))
         curves = np.array(curves)
         mean, std = curves.mean(0), curves.std(0)
         axis.plot(grid, mean)
         axis.fill_between(grid, mean - std, mean + std, alpha=0.3)
         axis.set(title=f"{env_id} ({len(curves)} seeds)", xlabel="environment steps", ylabel="episodic return")
     figure.tight_layout()
-    figure.savefig(os.path.join(RESULTS, f"{args.out}.png"), dpi=100)
+    figure.savefig(path, dpi=100)
+
+
+def pool_mode(args) -> None:
+    """Every final table named, pooled: per env, the final returns of all their seeds."""
+    runs, sources = {}, []
+    for table in args.tables:
+        text = open(os.path.join(RESULTS, f"{table}.md")).read()
+        sources.append(f"- `{table}`: {text.splitlines()[0]}")
+        per_run = re.findall(r"(\S+) seed (\d+): [-\d,]+ / ([-\d,]+)", text)
+        evaluations = {(env, int(seed)): float(value.replace(",", "")) for env, seed, value in per_run}
+        with open(os.path.join(RESULTS, f"{table}_curves.csv")) as f:
+            for row in csv.DictReader(f):
+                key = (row["env"], int(row["seed"]))
+                assert key not in runs or runs[key]["table"] == table, f"seed {key} is in two tables"
+                run = runs.setdefault(key, {"env": key[0], "seed": key[1], "table": table, "episodes": [],
+                                            "eval": evaluations[key]})
+                run["episodes"].append((float(row["step"]), float(row["episodic_return"])))
+    for run in runs.values():
+        run["final"] = float(np.mean([value for _, value in run["episodes"][-10:]]))
+    envs = list(dict.fromkeys(run["env"] for run in runs.values()))
+    rng = np.random.default_rng(0)
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(f"Every final table of these defaults, pooled: `{' '.join(['python', *sys.argv])}`\n\n"
+                + "\n".join(sources) + "\n\n| env | seeds | final: mean ± std | 95 % bootstrap interval of the mean "
+                "| IQM | worst seed | evaluation: mean ± std |\n|---|---|---:|---:|---:|---:|---:|\n")
+        for env_id in envs:
+            env_runs = sorted((run for run in runs.values() if run["env"] == env_id), key=lambda run: run["seed"])
+            final = np.array([run["final"] for run in env_runs])
+            means = rng.choice(final, size=(10_000, len(final))).mean(1)  # resample the seeds, with replacement
+            low, high = np.percentile(means, [2.5, 97.5])
+            ordered = np.sort(final)
+            quarter = len(final) // 4  # the interquartile mean: the middle half of the seeds
+            iqm = ordered[quarter : len(final) - quarter].mean()
+            worst = min(env_runs, key=lambda run: run["final"])
+            evaluation = [run["eval"] for run in env_runs]
+            f.write(f"| {env_id} | {', '.join(str(run['seed']) for run in env_runs)} | {final.mean():,.0f} ± "
+                    f"{final.std():,.0f} | {low:,.0f} – {high:,.0f} | {iqm:,.0f} | {worst['final']:,.0f} "
+                    f"(seed {worst['seed']}) | {np.mean(evaluation):,.0f} ± {np.std(evaluation):,.0f} |\n")
+        per_run = [f"{r['env']} seed {r['seed']}: {r['final']:,.0f} / {r['eval']:,.0f}" for r in runs.values()]
+        f.write("\nPer run (final / evaluation): " + "; ".join(per_run) + "\n")
+    plot_curves(list(runs.values()), envs, args.steps, os.path.join(RESULTS, f"{args.out}.png"))
+    print(open(os.path.join(RESULTS, f"{args.out}.md")).read())
 
 
 def main() -> None:
@@ -241,12 +291,18 @@ def main() -> None:
     returns.add_argument("--ranks", type=int, default=1, help="train each run as this many torchrun ranks")
     returns.add_argument("--out", default="returns", help="results file names: <out>.md, <out>.png, <out>_curves.csv")
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
+    pool = modes.add_parser("pool", help="pool final tables: mean ± std, bootstrap interval, IQM, worst seed")
+    pool.add_argument("--tables", nargs="+", required=True, help="result names (<name>.md and <name>_curves.csv)")
+    pool.add_argument("--steps", type=int, default=1_000_000)
+    pool.add_argument("--out", default="pooled")
     exchange = modes.add_parser("exchange", help="time of one gradient all-reduce between torchrun ranks")
     exchange.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.mode == "returns":
         returns_mode(args)
+    elif args.mode == "pool":
+        pool_mode(args)
     elif args.mode == "exchange":
         exchange_mode(args)
     else:
