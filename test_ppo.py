@@ -681,12 +681,19 @@ def test_gradient_norm_is_clipped_before_every_adam_step(tmp_path, monkeypatch):
     assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
 
 
-def test_target_kl_ends_the_update_after_the_first_epoch_whose_mean_kl_exceeds_it(tmp_path, monkeypatch):
-    """The approximate KL reported per minibatch is set to: epoch 1 (0, 0, 0, 0.05), mean 0.0125; epoch 2
-    (0.03, 0.03, 0.03, 0.03), mean 0.03. Against a target of 0.02 the epoch means stop the update after
-    epoch 2 (a rule on the last minibatch alone would stop after epoch 1)."""
+@pytest.mark.parametrize(
+    "reported_kls",
+    [pytest.param([0.0, 0.0, 0.0, 0.05] + [0.03] * 4, id="not the last minibatch's: epoch 1 ends on 0.05"),
+     pytest.param([0.0] * 4 + [0.03] * 4, id="not the mean since the update began: 0.015 after epoch 2")],
+)
+def test_target_kl_ends_the_update_after_the_first_epoch_whose_mean_kl_exceeds_it(tmp_path, monkeypatch, reported_kls):
+    """Bugs caught: the stop read on the last minibatch's KL, or on the mean of every minibatch since the update began,
+    instead of the epoch's own mean. The approximate KL reported per minibatch is set, against a target of 0.02:
+    epoch 1 (0, 0, 0, 0.05): mean 0.0125, or (0, 0, 0, 0): mean 0; epoch 2 (0.03 x 4): mean 0.03 > 0.02, so both
+    updates stop after epoch 2. A last-minibatch rule would stop the first after epoch 1 (0.05); a mean since the
+    start would not stop the second after epoch 2 ((0 x 4 + 0.03 x 4) / 8 = 0.015)."""
     monkeypatch.chdir(tmp_path)
-    reported = iter([0.0, 0.0, 0.0, 0.05] + [0.03] * 4 + [0.0] * 100)
+    reported = iter(reported_kls + [0.03] * 100)
 
     def loss_with_set_kl(*inputs, **coefficients):
         loss, stats = ppo_loss(*inputs, **coefficients)
@@ -907,23 +914,6 @@ def test_each_epoch_reshuffles_the_whole_batch(tmp_path, monkeypatch):
         torch.testing.assert_close(epoch.sort().values, epochs[0].sort().values, rtol=0, atol=0)
     assert len(epochs[0].unique()) > 250  # distinct samples, so a sample drawn twice would show
     assert not torch.equal(epochs[0], epochs[1])
-
-
-def test_target_kl_reads_the_mean_of_the_epochs_own_minibatches(tmp_path, monkeypatch):
-    """Bug caught: the KL stop averaging every minibatch since the update began instead of the epoch's own. KLs per
-    epoch (0, 0, 0, 0) then (0.03 x 4): epoch 2's mean 0.03 > 0.02 stops the update after 2 epochs; a mean over all
-    8 minibatches so far, 0.015, would not stop it there."""
-    monkeypatch.chdir(tmp_path)
-    reported = iter([0.0] * 4 + [0.03] * 4 + [0.03] * 100)
-
-    def loss_with_set_kl(*inputs, **coefficients):
-        loss, stats = ppo_loss(*inputs, **coefficients)
-        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
-
-    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
-    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False,
-                            **{**SMALL, "update_epochs": 5, "target_kl": 0.02}))
-    assert scalars(run_dir, "charts/epochs_run") == [2]
 
 
 def test_each_logged_episode_is_that_episodes_own_return_and_length(tmp_path, monkeypatch):

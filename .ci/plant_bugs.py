@@ -143,7 +143,7 @@ KINDS = [
     ("T7 minibatches drawn with replacement", "permutation = torch.randperm(batch_size,",
      "permutation = torch.randint(batch_size, (batch_size,),", "test_each_epoch_reshuffles_the_whole_batch"),
     ("T8 KL stop averages every minibatch so far", 'for stats in epoch_stats])\n',
-     'for stats in update_stats + epoch_stats])\n', "test_target_kl_reads_the_mean_of_the_epochs_own_minibatches"),
+     'for stats in update_stats + epoch_stats])\n', "test_target_kl_ends_the_update"),
     ("T9 clipped before averaging over ranks",
      "            average_gradients(parameters)  # III: the mean over ranks\n"
      "            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)\n",
