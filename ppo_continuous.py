@@ -530,9 +530,11 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exception) -> None:
+    def __exit__(self, exception_type, *exception) -> None:
         if self.writer is not None:
             self.writer.close()
+            if exception_type is None:
+                print("TensorBoard: tensorboard --logdir runs", flush=True)
 
     def last_checkpoint_note(self) -> str:
         path = self.checkpoint_path
@@ -915,6 +917,33 @@ def start_ranks(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+@contextlib.contextmanager
+def leaving_cleanly_as_a_rank():
+    """Under torchrun, the block, then the end of this rank with the exit status the block gave, without Python's
+    teardown: gloo's worker threads can still be releasing the last exchange's tensors, and a tensor released while
+    the interpreter finalizes aborts the rank ("terminate called without an active exception"). A rank whose peer
+    died leaves with one line."""
+    if not dist.is_initialized():
+        yield
+        return
+    status = 0
+    try:
+        yield
+    except SystemExit as stop:  # an error line, or 128 + a signal's number
+        status = stop.code
+    except (RuntimeError, dist.DistError) as error:  # an exchange whose peer is gone: a rank died or was killed
+        if not isinstance(error, dist.DistError) and "Connection" not in str(error):
+            raise
+        status = (f"error: rank {dist.get_rank()} lost its connection to another rank, which stopped or died "
+                  f"(its own output says why): {one_line(error)}")
+    dist.destroy_process_group()
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if isinstance(status, str) else status or 0)
+
+
 def rank_and_world_size() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -947,21 +976,8 @@ def main() -> None:
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, given)
     start_ranks(pick_device(args.cuda))
-    rank, world_size = rank_and_world_size()
-    try:
+    with leaving_cleanly_as_a_rank():  # III; alone, nothing
         train(args, checkpoint, resume_dir(args.resume) if checkpoint else None)
-        if world_size > 1:  # no rank tears its connections down while another still uses them
-            dist.barrier()
-    except (RuntimeError, dist.DistError) as error:  # a collective whose peer is gone: a rank died or was killed
-        if world_size == 1 or not isinstance(error, dist.DistError) and "Connection" not in str(error):
-            raise
-        raise SystemExit(f"error: rank {rank} lost its connection to another rank, which stopped or died (its own "
-                         f"output says why): {one_line(error)}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print("TensorBoard: tensorboard --logdir runs")
 
 
 if __name__ == "__main__":

@@ -1622,19 +1622,23 @@ def rank_spy() -> None:
         norms = [torch.linalg.vector_norm(p.grad) for group in optimizer.param_groups for p in group["params"]]
         seen["grad_norms"].append(torch.linalg.vector_norm(torch.stack(norms)).item())
 
+    def spy_train(*args):  # a rank leaves by os._exit after train(): save what it saw before that
+        try:
+            return train(*args)
+        finally:
+            if "agent" in seen:  # training began
+                torch.save({"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
+                            "return_rms": seen["reward_scaler"].return_rms.state_dict(),
+                            "env_steps": seen["env_steps"], "first_obs": torch.tensor(seen["first_obs"]),
+                            "first_advantages": seen["first_advantages"], "first_rng_state": seen["first_rng_state"],
+                            "grad_norms": seen["grad_norms"]}, f"rank{os.environ['RANK']}.pt")
+
     ppo_continuous.collect_rollout, ppo_continuous.RewardScaler, ppo_continuous.ppo_loss = (spy_rollout, spy_scaler,
                                                                                             spy_loss)
+    ppo_continuous.train = spy_train
     register_optimizer_step_pre_hook(record_norm)
     sys.argv = [ppo_continuous.__file__] + sys.argv[1:]
-    try:
-        ppo_continuous.main()
-    finally:
-        if "agent" in seen:  # training began
-            torch.save({"agent": seen["agent"].state_dict(), "obs_rms": seen["obs_rms"].state_dict(),
-                        "return_rms": seen["reward_scaler"].return_rms.state_dict(), "env_steps": seen["env_steps"],
-                        "first_obs": torch.tensor(seen["first_obs"]), "first_advantages": seen["first_advantages"],
-                        "first_rng_state": seen["first_rng_state"], "grad_norms": seen["grad_norms"]},
-                       f"rank{os.environ['RANK']}.pt")
+    ppo_continuous.main()
 
 
 def rank_math() -> None:

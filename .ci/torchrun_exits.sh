@@ -4,9 +4,9 @@
 #     bash .ci/torchrun_exits.sh 100
 set -uo pipefail
 runs=${1:-100}
+script="$(cd "$(dirname "$0")/.." && pwd)/ppo_continuous.py"
 scratch=$(mktemp -d)
 cd "$scratch" || exit 1
-script="$(cd "$(dirname "$0")/.." && pwd)/ppo_continuous.py"
 declare -A count
 for i in $(seq 1 "$runs"); do
     python -m torch.distributed.run --standalone --nproc-per-node=2 "$script" --env-id Pendulum-v1 --num-envs 2 \
