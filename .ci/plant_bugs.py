@@ -125,8 +125,8 @@ KINDS = [
     # issue #23: properties of the loop and the update, and the held-out areas
     ("T1 s_T normalized after the statistics moved",
      "            next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)  # s_T, normalized like s_t\n"
-     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts only\n',
-     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts only\n'
+     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts\n',
+     '            obs_rms.update(rollout.pop("next_raw_obs").reshape(-1, obs_dim))  # between rollouts\n'
      "            next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)  # s_T, normalized like s_t\n",
      "test_gae_is_fed_the_state_after_the_rollout"),
     ("T2 s_T taken as the last stored state", "next_obs = normalize_obs(raw_obs, obs_rms, args.clip_obs)",
