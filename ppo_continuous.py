@@ -237,9 +237,8 @@ def collect_rollout(envs, agent: Agent, obs_rms: RunningMeanStd, raw_obs: np.nda
             env_action = np.clip(action, action_space.low, action_space.high)  # only the env clips
             raw_obs, rewards, terminations, truncations, infos = envs.step(env_action)
             done = terminations | truncations
-            for name, x in (("next_raw_obs", raw_obs), ("rewards", rewards),
-                            ("terminations", terminations), ("dones", done)):
-                rollout[name][step] = x
+            rollout["next_raw_obs"][step], rollout["rewards"][step] = raw_obs, rewards
+            rollout["terminations"][step], rollout["dones"][step] = terminations, done
             running_episodes["return"] += rewards
             running_episodes["length"] += 1
             if done.any():  # a time-limit cut bootstraps from V(final obs), normalized like any s_t
