@@ -115,6 +115,32 @@ def test_clip_fraction_and_approx_kl():
     assert stats["clip_fraction"].item() == 0.0
     assert stats["approx_kl"].item() == pytest.approx(0.0046898, abs=1e-7)
 
+@pytest.mark.math
+def test_ratio_is_the_exponent_of_the_difference_of_log_probs():
+    """Bug caught: log r_t = log π_θ + log π_old instead of the difference, hidden where log π_old = 0 as in the
+    other loss tests. log π_old = -2, Â = 2, ε = 0.2:
+    log π_θ = -2: r = 1, loss = -min(1*2, 1*2) = -2.0 (a sum would give r = e^-4 = 0.0183, loss -0.0366);
+    log π_θ = -2 + ln 1.5: r = 1.5, loss = -min(3.0, 2.4) = -2.4, KL estimate 0.5 - ln 1.5 = 0.0945349."""
+    zero = f64(0.0)
+    for log_ratio, expected_loss, expected_kl in ((0.0, -2.0, 0.0), (math.log(1.5), -2.4, 0.0945349)):
+        loss, stats = ppo_loss(f64(-2.0 + log_ratio), f64(-2.0), f64(2.0), zero, zero, zero, zero,
+                               clip_coef=0.2, vf_coef=0.0, ent_coef=0.0, clip_vloss=False)
+        assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
+        assert stats["approx_kl"].item() == pytest.approx(expected_kl, abs=1e-7)
+
+
+@pytest.mark.math
+@pytest.mark.parametrize("ratio, expected", [pytest.param(1.25, 0.0, id="r = 1+eps: not clipped"),
+                                             pytest.param(0.75, 0.0, id="r = 1-eps: not clipped"),
+                                             pytest.param(1.5, 1.0, id="r past 1+eps: clipped"),
+                                             pytest.param(0.5, 1.0, id="r below 1-eps: clipped")])
+def test_clip_fraction_counts_the_ratios_past_either_end_of_the_clip_range(ratio, expected):
+    """Bugs caught: a ratio exactly at 1 ± ε counted as clipped (clamp leaves it as it is), or only ratios above 1 + ε
+    counted. ε = 0.25: 1.25 and 0.75 are exact in binary (exp(ln 1.25) == 1.25), |r - 1| = 0.25 is not > 0.25: 0;
+    |1.5 - 1| = |0.5 - 1| = 0.5 > 0.25: 1."""
+    _, _, stats = policy_only_loss(ratio, 1.0, clip_coef=0.25)
+    assert stats["clip_fraction"].item() == expected
+
 
 @pytest.mark.math
 def test_total_loss_combines_terms():
@@ -154,6 +180,27 @@ def test_value_loss(new_value, old_value, target, clip_vloss, expected):
     )
     assert stats["value_loss"].item() == pytest.approx(expected)
 
+@pytest.mark.math
+@pytest.mark.parametrize(
+    "new_value, old_value, target, expected",
+    [
+        # V fell below V_old - ε: clipped V = 1 + clamp(0 - 1, -0.2, 0.2) = 0.8; max((0+1)², (0.8+1)²)
+        # = max(1, 3.24) = 3.24; ½ -> 1.62
+        pytest.param(0.0, 1.0, -1.0, 1.62, id="V below V_old - eps: clipped from below"),
+        # inside the range, target below: clipped V = V = 1.1; ½ (1.1 - 0)² = ½ 1.21 = 0.605
+        pytest.param(1.1, 1.0, 0.0, 0.605, id="inside the range, target below V"),
+    ],
+)
+def test_value_clipping_from_below(new_value, old_value, target, expected):
+    """Bugs caught: the clip range of V - V_old without its lower bound, the clamp applied to V + V_old, or its
+    lower bound +ε: the cases above only move V upwards from V_old."""
+    _, stats = ppo_loss(
+        new_logprob=f64(0.0), old_logprob=f64(0.0), advantages=f64(0.0),
+        new_value=f64(new_value), old_value=f64(old_value), returns=f64(target), entropy=f64(0.0),
+        clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=True,
+    )
+    assert stats["value_loss"].item() == pytest.approx(expected)
+
 
 # ---- The diagonal Gaussian policy ------------------------------------------------------------------------
 def agent_with(mean_bias, log_std) -> Agent:
@@ -190,6 +237,46 @@ def test_act_is_mean_plus_sigma_times_noise():
     obs = torch.ones(1, 3, dtype=torch.float64)
     assert agent.act(obs, f64(0.5, -2.0))[0].tolist() == pytest.approx([1.5, -7.0])
     assert agent.act(obs, f64(0.0, 0.0))[0].tolist() == pytest.approx([1.0, -1.0])
+
+@pytest.mark.math
+def test_agent_layers_widths_and_orthogonal_initialization():
+    """Bugs caught: a width, a gain or a bias of the initialization changed, or a tanh on the output. Both networks
+    are in -> 64 -> 64 -> out with tanh between (the critic --critic-width wide). orthogonal_(W, g) makes the rows (or,
+    for a tall W, the columns) of W orthogonal with norm g: first layer (64 x 3): W^T W = g² I_3 = 2 I_3 (g = √2);
+    second (64 x 64): W W^T = 2 I_64; the actor's last (2 x 64): W W^T = 0.01² I_2 = 1e-4 I_2; the critic's last
+    (1 x 64): W W^T = 1² = 1. Every bias is 0."""
+    torch.manual_seed(0)
+    agent = Agent(obs_dim=3, action_dim=2)
+
+    def linears(net):
+        return [layer for layer in net if isinstance(layer, torch.nn.Linear)]
+
+    for net, out_dim, out_gain in ((agent.actor_mean, 2, 0.01), (agent.critic, 1, 1.0)):
+        first, second, last = linears(net)
+        assert [type(layer) for layer in net] == [torch.nn.Linear, torch.nn.Tanh] * 2 + [torch.nn.Linear]
+        assert [tuple(layer.weight.shape) for layer in (first, second, last)] == [(64, 3), (64, 64), (out_dim, 64)]
+        with torch.no_grad():
+            torch.testing.assert_close(first.weight.T @ first.weight, 2 * torch.eye(3), rtol=0, atol=1e-5)
+            torch.testing.assert_close(second.weight @ second.weight.T, 2 * torch.eye(64), rtol=0, atol=1e-5)
+            torch.testing.assert_close(last.weight @ last.weight.T, out_gain**2 * torch.eye(out_dim), rtol=0,
+                                       atol=1e-6)
+            for layer in (first, second, last):
+                assert (layer.bias == 0).all()
+    narrow = Agent(obs_dim=3, action_dim=2, critic_width=16)  # the critic alone follows critic_width
+    assert [tuple(layer.weight.shape) for layer in linears(narrow.critic)] == [(16, 3), (16, 16), (1, 16)]
+    assert [tuple(layer.weight.shape) for layer in linears(narrow.actor_mean)] == [(64, 3), (64, 64), (2, 64)]
+
+
+@pytest.mark.math
+def test_log_prob_sums_over_the_action_dimensions_of_any_batch_shape():
+    """Bug caught: the sum taken over axis 1 instead of the last axis, which only a 2-D batch hides. The sample of
+    test_gaussian_log_prob_closed_form (a = (0.5, -1), μ = 0, σ = (1, 2): log π = -2.7810242) scored alone (1-D) and
+    as a (T, N) = (2, 4) rollout: one log π per sample, each -2.7810242."""
+    agent = agent_with(mean_bias=(0.0, 0.0), log_std=(0.0, math.log(2.0)))
+    single = agent.log_prob(torch.ones(3, dtype=torch.float64), f64(0.5, -1.0))
+    assert single.shape == () and single.item() == pytest.approx(-2.7810242, abs=1e-7)
+    rollout = agent.log_prob(torch.ones(2, 4, 3, dtype=torch.float64), f64(0.5, -1.0).expand(2, 4, 2))
+    torch.testing.assert_close(rollout, torch.full((2, 4), -2.7810242, dtype=torch.float64), rtol=0, atol=1e-7)
 
 
 # ---- Â_t by GAE -----------------------------------------------------------------------------------------
@@ -265,6 +352,15 @@ def test_advantages_lambda_one_is_discounted_return_minus_value():
     advantages, returns = gae(gae_lambda=1.0)
     assert advantages == pytest.approx([6.188, 5.32, 3.3])
     assert returns == pytest.approx([6.688, 6.32, 4.8])
+
+@pytest.mark.math
+def test_advantages_of_a_one_step_rollout():
+    """Bug caught: the running Â shaped after rewards[1], which a one-step rollout (--num-steps 1) lacks. T = 1, one
+    env, γ = 0.9, λ = 0.8: r = 1, V(s_0) = 0.5, V(s_1) = 2.0: Â_0 = δ_0 = 1 + 0.9*2.0 - 0.5 = 2.3; R_0 = 2.3 + 0.5
+    = 2.8."""
+    zero = f64(0.0)[:, None]
+    advantages, returns = compute_gae(f64(1.0)[:, None], f64(0.5)[:, None], f64(2.0), zero, zero, zero, GAMMA, LAMBDA)
+    assert advantages.item() == pytest.approx(2.3) and returns.item() == pytest.approx(2.8)
 
 
 # ---- Normalization shared by all sub-environments ----------------------------------------------------
@@ -346,6 +442,54 @@ def test_reward_scaler_carries_each_return_across_rollouts_and_restarts_it_at_a_
     assert scaler.return_rms.mean == pytest.approx(9.25 / 4.0001, rel=1e-6)
     assert scaler.returns.tolist() == [4.0]
 
+@pytest.mark.math
+def test_normalize_obs_clips_from_below_and_keeps_a_constant_dimension_finite():
+    """Bugs caught: the lower clip bound dropped, or the 1e-8 subtracted from the variance instead of added (NaN
+    where a dimension never varies, as Ant's contact forces often do).
+    Part 1: mean (1, 0), var (4, 1e-6): (-5 - 1)/sqrt(4) = -3.0; (-1 - 0)/sqrt(1e-6 + 1e-8) = -995.0 -> -10.
+    Part 2: 20,000 zeros merged into the prior (mean 0, var 1, count 1e-4): delta = 0, so
+    var = 1 * 1e-4 / 20000.0001 = 4.99999975e-9 < 1e-8. Then 1e-4 / sqrt(4.99999975e-9 + 1e-8)
+    = 1e-4 / 1.2247449e-4 = 0.8164966, and 0 stays 0 (sqrt(var - 1e-8) would be NaN)."""
+    rms = RunningMeanStd((2,))
+    rms.mean, rms.var = np.array([1.0, 0.0]), np.array([4.0, 1e-6])
+    np.testing.assert_allclose(normalize_obs(np.array([[-5.0, -1.0]]), rms, clip=10.0), [[-3.0, -10.0]], rtol=1e-6)
+    constant = RunningMeanStd((1,))
+    constant.update(np.zeros((20_000, 1)))
+    assert constant.var[0] == pytest.approx(4.99999975e-9, rel=1e-6)
+    np.testing.assert_allclose(normalize_obs(np.array([[0.0], [1e-4]]), constant, clip=10.0), [[0.0], [0.8164966]],
+                               rtol=1e-6)
+
+
+@pytest.mark.math
+def test_reward_scaler_clips_negative_rewards_too():
+    """Bug caught: the lower clip bound dropped. The mirror of test_reward_scaler_clips: returns (-100, 0) -> mean
+    -50, var 2500, std 50: reward -100 scales to -2, clipped to -1.5."""
+    scaler = RewardScaler(num_envs=2, gamma=0.99, clip=1.5)
+    np.testing.assert_allclose(scaler(np.array([[-100.0, 0.0]]), np.zeros((1, 2), bool)), [[-1.5, 0.0]], rtol=1e-4)
+
+
+@pytest.mark.math
+def test_reward_scaler_stays_finite_through_a_reward_free_stretch():
+    """Bug caught: the 1e-8 subtracted from the return variance instead of added. 100 steps of 200 envs, all rewards
+    0: every G is 0, so 20,000 zeros merge into the prior (mean 0, var 1, count 1e-4): var = 1e-4 / 20000.0001
+    = 4.99999975e-9 < 1e-8. The scaled rewards are 0 / sqrt(1.5e-8) = 0, not the NaN of 0 / sqrt(-5e-9)."""
+    scaler = RewardScaler(num_envs=200, gamma=0.99, clip=10.0)
+    scaled = scaler(np.zeros((100, 200)), np.zeros((100, 200), bool))
+    assert scaler.return_rms.var == pytest.approx(4.99999975e-9, rel=1e-6)
+    assert np.isfinite(scaled).all() and (scaled == 0).all()
+
+
+@pytest.mark.math
+def test_reward_scaler_accumulates_returns_in_float64_whatever_the_rewards_dtype():
+    """Bug caught: the returns buffer taking the rewards' dtype, which truncates G for integer rewards (and rounds it
+    for float32 ones). γ = 0.5, one env, integer rewards 1, 1: G = 1, then 0.5 * 1 + 1 = 1.5. The statistics see
+    (1, 1.5): batch mean 1.25, merged with the prior count 1e-4: mean = 1.25 * 2 / 2.0001 = 1.2499375 (an integer
+    buffer would store 1.5 as 1: mean 0.99995)."""
+    scaler = RewardScaler(num_envs=1, gamma=0.5, clip=10.0)
+    scaler(np.array([[1], [1]]), np.zeros((2, 1), bool))
+    assert scaler.return_rms.mean == pytest.approx(1.2499375, rel=1e-7)
+    assert scaler.returns.tolist() == [1.5]
+
 
 @pytest.mark.math
 def test_policy_shapes_with_several_action_dimensions():
@@ -364,6 +508,128 @@ def test_policy_shapes_with_several_action_dimensions():
     mean = agent.actor_mean(obs)
     by_dimension = torch.distributions.Normal(mean, agent.actor_logstd.exp()).log_prob(actions).sum(-1)
     torch.testing.assert_close(agent.log_prob(obs, actions), by_dimension)
+
+# ---- The update: K epochs of minibatch Adam on a hand-made batch -----------------------------------------
+def small_update(monkeypatch, reported=None, samples=8, **options):
+    """ppo_update on a hand-made batch of `samples` samples (3 observations, 1 action) with the given Args options;
+    `reported(k)`, if given, sets the stats the k-th ppo_loss call returns (k = 1, 2, ...). Returns ppo_update's
+    result and the keyword coefficients and inputs of every ppo_loss call."""
+    torch.manual_seed(0)
+    agent = Agent(obs_dim=3, action_dim=1)
+    obs, actions = torch.randn(samples, 3), torch.randn(samples, 1)
+    with torch.no_grad():
+        batch = {"obs": obs, "actions": actions, "logprobs": agent.log_prob(obs, actions),
+                 "values": agent.value(obs), "advantages": torch.randn(samples), "returns": torch.randn(samples)}
+    batch |= options.pop("batch", {})
+    calls = []
+
+    def recording_loss(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        calls.append((coefficients, [x.detach().clone() for x in inputs]))
+        if reported is not None:
+            stats = {name: torch.tensor(float(value)) for name, value in zip(stats, reported(len(calls)))}
+        return loss, stats
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", recording_loss)
+    args = Args(**{"target_kl": None, **options})
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+    return ppo_continuous.ppo_update(agent, optimizer, batch, {}, args, 0.0), calls
+
+
+@pytest.mark.math
+def test_update_statistics_are_the_mean_over_every_minibatch_of_every_epoch(monkeypatch):
+    """Bugs caught: the logged means taken over the last epoch only, over the statistics instead of the minibatches,
+    or the names read off a second minibatch that a one-minibatch update does not have. The k-th minibatch reports
+    (policy_loss, value_loss, entropy, approx_kl, clip_fraction) = (k, 10k, 100k, 0, 1000k). 2 epochs x 2
+    minibatches, k = 1..4: means (2.5, 25, 250, 0, 2500), not the last epoch's (3.5, 35, 350, 0, 3500).
+    1 epoch x 1 minibatch: k = 1 alone."""
+    def reported(k):
+        return (k, 10 * k, 100 * k, 0, 1000 * k)
+
+    (stats, epochs_run, epoch_kl), _ = small_update(monkeypatch, reported, num_minibatches=2, update_epochs=2)
+    assert list(stats) == ["policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"]
+    assert list(stats.values()) == pytest.approx([2.5, 25, 250, 0, 2500])
+    assert (epochs_run, epoch_kl) == (2, 0.0)
+    (stats, epochs_run, _), _ = small_update(monkeypatch, reported, num_minibatches=1, update_epochs=1)
+    assert list(stats.values()) == pytest.approx([1, 10, 100, 0, 1000]) and epochs_run == 1
+
+
+@pytest.mark.math
+def test_every_minibatch_row_holds_one_samples_own_columns(monkeypatch):
+    """Bug caught: one column (Â_t, R_t or V_old) gathered in batch order while the others are shuffled, pairing a
+    sample's log π_old with another's advantage. The hand-made batch ties each column to log π_old (distinct values
+    -3, -2.71, ..., -1): Â = 2 log π_old, R = 3 log π_old, V_old = 4 log π_old, so every row of every minibatch keeps
+    these ratios, and the shuffle does move the rows."""
+    logprobs = torch.linspace(-3.0, -1.0, 8)
+    batch = {"logprobs": logprobs, "advantages": 2 * logprobs, "returns": 3 * logprobs, "values": 4 * logprobs}
+    _, calls = small_update(monkeypatch, batch=batch, num_minibatches=2, update_epochs=2)
+    for _, (_, old_logprob, advantages, _, old_value, returns, _) in calls:
+        torch.testing.assert_close(advantages, 2 * old_logprob, rtol=0, atol=0)
+        torch.testing.assert_close(returns, 3 * old_logprob, rtol=0, atol=0)
+        torch.testing.assert_close(old_value, 4 * old_logprob, rtol=0, atol=0)
+    assert not torch.equal(torch.cat([inputs[1] for _, inputs in calls[:2]]), logprobs)
+
+
+@pytest.mark.math
+def test_update_hands_clip_vloss_to_the_loss(monkeypatch):
+    """Bug caught: --clip-vloss not handed to ppo_loss (None, which reads as off). Every minibatch of a --clip-vloss
+    update computes the clipped value loss; without it, none does."""
+    for clip_vloss in (True, False):
+        _, calls = small_update(monkeypatch, num_minibatches=2, update_epochs=2, clip_vloss=clip_vloss)
+        assert [coefficients["clip_vloss"] for coefficients, _ in calls] == [clip_vloss] * 4
+
+
+@pytest.mark.math
+def test_norm_adv_stays_bounded_when_the_advantages_barely_differ(monkeypatch):
+    """Bug caught: the 1e-8 of the advantage normalization subtracted from the std instead of added. One minibatch
+    of two advantages 0 and 2e-8 (float64): mean 1e-8, Bessel-corrected std sqrt(2 * (1e-8)² / 1) = √2 * 1e-8.
+    Normalized: ±1e-8 / (√2 * 1e-8 + 1e-8) = ±1 / (√2 + 1) = ±(√2 - 1) = ±0.41421356 (subtracting gives
+    ±1 / (√2 - 1) = ±2.41421356)."""
+    batch = {"advantages": torch.tensor([0.0, 2e-8], dtype=torch.float64)}
+    _, calls = small_update(monkeypatch, samples=2, batch=batch, num_minibatches=1, update_epochs=1, norm_adv=True)
+    advantages = calls[0][1][2]
+    torch.testing.assert_close(advantages.sort().values, f64(-(math.sqrt(2) - 1), math.sqrt(2) - 1), rtol=1e-9,
+                               atol=0)
+
+
+@pytest.mark.math
+def test_target_kl_stops_only_an_epoch_whose_kl_exceeds_it(monkeypatch):
+    """Bug caught: the update stopped by an epoch whose mean KL equals --target-kl. Every minibatch reports KL 0.25
+    (exact in binary), so each epoch's mean is 0.25: against a target of 0.25 all 3 epochs run; against 0.125 the
+    first epoch exceeds it and ends the update."""
+    def reported(k):
+        return (0, 0, 0, 0.25, 0)
+
+    for target_kl, expected_epochs in ((0.25, 3), (0.125, 1)):
+        (_, epochs_run, epoch_kl), _ = small_update(monkeypatch, reported, num_minibatches=2, update_epochs=3,
+                                                    target_kl=target_kl)
+        assert (epochs_run, epoch_kl) == (expected_epochs, 0.25)
+
+
+@pytest.mark.math
+@pytest.mark.parametrize(
+    "lr_scale, epoch_kl, lr_kl_target, expected",
+    [
+        # KL exactly 2 x target (0.5 = 2 x 0.25, exact in binary): not above it, the factor is kept
+        pytest.param(1.0, 0.5, 0.25, 1.0, id="KL at 2x target: kept"),
+        # KL 2.5 x target: above 2x, divided: 1 / 1.5 = 0.6666667
+        pytest.param(1.0, 0.025, 0.01, 1 / 1.5, id="KL at 2.5x target: divided by 1.5"),
+        # KL 1.5 x target: inside the band (a rule that forgot the 2x would divide): kept
+        pytest.param(1.0, 0.015, 0.01, 1.0, id="KL at 1.5x target: kept"),
+        # KL exactly target / 2 (0.125 = 0.25 / 2): not below it, kept (lr_scale 0.5, so x1.5 would show: 0.75)
+        pytest.param(0.5, 0.125, 0.25, 0.5, id="KL at target/2: kept"),
+        # KL 0.4 x target: below 1/2, multiplied: 0.5 x 1.5 = 0.75 (x2.5 would give 1.25, capped to 1)
+        pytest.param(0.5, 0.004, 0.01, 0.75, id="KL at 0.4x target: multiplied by 1.5"),
+        # 0.8 x 1.5 = 1.2, capped by the schedule: 1.0
+        pytest.param(0.8, 0.001, 0.01, 1.0, id="multiplied, capped at 1"),
+        # no target: the factor never moves
+        pytest.param(0.5, 0.05, None, 0.5, id="no target: kept"),
+    ],
+)
+def test_adapted_lr_scale_by_hand(lr_scale, epoch_kl, lr_kl_target, expected):
+    """Bugs caught: the bounds 2x and 1/2 of the target moved or made inclusive, or the factor 1.5 of the increase
+    changed (the whole-run test only increases from 2/3, where the cap hides it)."""
+    assert ppo_continuous.adapted_lr_scale(lr_scale, epoch_kl, lr_kl_target) == pytest.approx(expected, rel=1e-12)
 
 
 def test_agent_defaults_are_the_command_lines():
@@ -485,6 +751,23 @@ def test_recompute_advantages_runs_gae_every_epoch(tmp_path, monkeypatch):
     train(Args(env_id="Pendulum-v1", total_timesteps=512, recompute_advantages=True, eval_episodes=0, **SMALL))
     assert len(calls) == 2 * SMALL["update_epochs"]  # 2 iterations x 2 epochs
 
+def test_recompute_advantages_feeds_each_epoch_the_recomputed_estimates(tmp_path, monkeypatch):
+    """Bug caught: with --recompute-advantages, epoch 2 handed the loss the rollout's first V_old, Â_t or R_t instead
+    of those the critic gives after epoch 1. One iteration of 256 samples, 2 epochs of 4 minibatches: compute_gae
+    runs twice; epoch 2's minibatches hold exactly the second run's Â_t and R_t, and V_old = R_t - Â_t of the same
+    sample."""
+    monkeypatch.chdir(tmp_path)
+    losses, estimates = record_loss_inputs(monkeypatch)
+    train(Args(env_id="Pendulum-v1", total_timesteps=256, recompute_advantages=True, eval_episodes=0,
+               save_model=False, **SMALL))
+    assert len(estimates) == 2 and len(losses) == 8
+    (first_advantages, _), (advantages, returns) = estimates
+    assert not torch.equal(first_advantages, advantages)  # the critic moved: a stale Â_t would show
+    epoch_2 = [torch.cat([inputs[i] for inputs in losses[4:]]) for i in (2, 4, 5)]  # Â_t, V_old, R_t
+    torch.testing.assert_close(epoch_2[0].sort().values, advantages.flatten().sort().values, rtol=0, atol=0)
+    torch.testing.assert_close(epoch_2[2].sort().values, returns.flatten().sort().values, rtol=0, atol=0)
+    torch.testing.assert_close(epoch_2[1], epoch_2[2] - epoch_2[0], rtol=0, atol=1e-5)
+
 
 def test_same_seed_gives_same_learning_curve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -552,16 +835,19 @@ def test_bad_input_exits_with_one_line_message(cli_args, message):
 
 # ---- What the loop feeds the math ---------------------------------------------------------------------
 class RecordingEnvs:
-    """Wraps a vector env's step() to keep every raw observation, reward and infos["final_obs"] it returns."""
+    """Wraps a vector env's step() to keep every raw observation, reward, end and infos["final_obs"] it returns."""
 
     def __init__(self, envs):
         self.envs, self.step_obs, self.final_obs, self.rewards = envs, [], [], []
+        self.terminations, self.truncations = [], []
         step = envs.step
 
         def recording_step(actions):
             result = step(actions)
             self.step_obs.append(result[0].copy())
             self.rewards.append(result[1].copy())
+            self.terminations.append(result[2].copy())
+            self.truncations.append(result[3].copy())
             self.final_obs.append({i: o.copy() for i, o in enumerate(result[4].get("final_obs", [])) if o is not None})
             return result
 
@@ -590,6 +876,115 @@ def test_rollout_normalizes_with_frozen_statistics_including_the_final_obs():
     raw_final = recording.final_obs[199][0]
     np.testing.assert_allclose(rollout["final_obs"][199, 0], normalize_obs(raw_final, obs_rms, 10.0), rtol=1e-6)
     assert not np.allclose(rollout["final_obs"][199, 0], raw_final, atol=0.1)  # raw and normalized differ here
+
+class Countdown(gym.Env):
+    """A test env that ends on its own: an episode lasts a length drawn at reset (2-11 steps) unless the 8-step time
+    limit it is registered with cuts it first, so sub-envs end on different steps, by termination or by truncation.
+    Observation (steps left, steps taken); a step's reward is its number in the episode (1, 2, ...)."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.left, self.taken = int(self.np_random.integers(2, 12)), 0
+        return np.array([self.left, self.taken], np.float64), {}
+
+    def step(self, action):
+        self.left, self.taken = self.left - 1, self.taken + 1
+        return np.array([self.left, self.taken], np.float64), float(self.taken), self.left == 0, False, {}
+
+
+gym.register("Countdown-v0", entry_point=Countdown, max_episode_steps=8)
+
+
+def test_episodes_that_end_on_different_steps_are_each_logged_and_restarted_alone():
+    """Bugs caught: an end taken from truncations alone (terminations ignored), episodes logged only on a step where
+    every env ends (done.all()), every env's running sums logged or restarted when one env ends, or a return carried
+    in from the rollout before lost. Three Countdown envs for 40 steps; env 0 carries a return of 100 over 3 steps
+    from the rollout before. Each logged (step, return, length) is recomputed here from the envs' own rewards and
+    ends: env 0's first episode, of k steps, is logged as 100 + 1 + ... + k over 3 + k steps."""
+    envs = make_vector_env("Countdown-v0", 3, "sync")
+    recording = RecordingEnvs(envs)
+    raw_obs, _ = envs.reset(seed=0)
+    episodes = {"return": np.array([100.0, 0.0, 0.0]), "length": np.array([3, 0, 0])}
+    rollout, _, ended = collect_rollout(envs, Agent(2, 1), RunningMeanStd((2,)), raw_obs, episodes, 40, 10.0,
+                                        torch.device("cpu"))
+    envs.close()
+    terminations, truncations = np.stack(recording.terminations), np.stack(recording.truncations)
+    dones = terminations | truncations
+    assert (terminations & ~truncations).any() and (truncations & ~terminations).any()  # both kinds of end occur
+    assert (dones.any(1) & ~dones.all(1)).any()  # some steps end one env and not the others
+    np.testing.assert_array_equal(rollout["terminations"], terminations)
+    np.testing.assert_array_equal(rollout["dones"], dones)
+    expected, returns, lengths = [], np.array([100.0, 0.0, 0.0]), np.array([3, 0, 0])
+    for step, rewards in enumerate(recording.rewards):
+        returns, lengths = returns + rewards, lengths + 1
+        expected += [(step, returns[env], lengths[env]) for env in dones[step].nonzero()[0]]
+        returns[dones[step]], lengths[dones[step]] = 0.0, 0
+    assert ended == expected
+    assert episodes["return"].tolist() == returns.tolist() and episodes["length"].tolist() == lengths.tolist()
+
+
+def test_training_feeds_gae_the_scaled_rewards_the_ends_and_the_values_of_its_own_rollout(tmp_path, monkeypatch):
+    """Bugs caught: GAE fed the raw rewards (the scaler's result not kept), the reward scaler clipping with
+    --clip-obs or the rollout clipping observations with --clip-reward, γ and λ swapped, V(s_T) taken of the last
+    stored state instead of the state after the rollout, or V(final obs) of the state an episode ended from. One
+    iteration of three Countdown envs x 32 steps, γ = 0.9, λ = 0.5, --clip-obs 5, --clip-reward 0.5: GAE must get
+    the envs' rewards scaled as a fresh RewardScaler scales them over the same ends, those ends, and the critic's
+    values of the rollout's stored, next and final states. The first rollout sees the prior statistics (mean 0,
+    var 1), so the steps left (up to 11) are clipped at 5 and no lower."""
+    monkeypatch.chdir(tmp_path)
+    recordings, seen, gae_inputs = [], [], []
+    monkeypatch.setattr(ppo_continuous, "make_vector_env",
+                        lambda *a: recordings.append(RecordingEnvs(make_vector_env(*a))) or recordings[-1].envs)
+
+    def recording_advantages(agent, rollout, gamma, gae_lambda):
+        with torch.no_grad():
+            seen.append((rollout, {name: agent.value(rollout[name]) for name in ("obs", "next_obs", "final_obs")}))
+        return advantages_now(agent, rollout, gamma, gae_lambda)
+
+    monkeypatch.setattr(ppo_continuous, "advantages_now", recording_advantages)
+    monkeypatch.setattr(ppo_continuous, "compute_gae", lambda *a: gae_inputs.append(a) or compute_gae(*a))
+    train(Args(env_id="Countdown-v0", total_timesteps=96, num_envs=3, num_steps=32, num_minibatches=2,
+               update_epochs=1, gamma=0.9, gae_lambda=0.5, clip_obs=5.0, clip_reward=0.5, eval_episodes=0,
+               save_model=False))
+    (rollout, critic), = seen
+    rewards, values, next_value, final_values, terminations, dones, gamma, gae_lambda = gae_inputs[0]
+    recording = recordings[0]
+    ended = np.stack(recording.terminations), np.stack(recording.truncations)
+    scaled = RewardScaler(3, 0.9, 0.5)(np.stack(recording.rewards), ended[0] | ended[1])
+    assert np.abs(scaled).max() == 0.5  # the reward clip is reached
+    np.testing.assert_allclose(rewards.numpy(), scaled, rtol=1e-6)
+    np.testing.assert_array_equal(terminations.numpy(), ended[0])
+    np.testing.assert_array_equal(dones.numpy(), ended[0] | ended[1])
+    assert (gamma, gae_lambda) == (0.9, 0.5)
+    assert rollout["obs"].max().item() == 5.0
+    for name, given in (("obs", values), ("next_obs", next_value), ("final_obs", final_values)):
+        torch.testing.assert_close(given, critic[name], rtol=0, atol=0)
+
+
+def test_the_policy_acts_on_each_stored_state_with_fresh_noise_for_every_step_and_env():
+    """Bugs caught: one ε reused for every step or env, or the policy given the raw observation while the normalized
+    one is stored (log π_old is computed later from the stored one). Each stored action must be μ(stored s_t) + σ ε
+    with the ε drawn for that step and env: the rollout's draw is replayed from the same seed. Statistics far from
+    Pendulum's and a last layer scaled up make μ differ between raw and normalized states."""
+    envs = make_vector_env("Pendulum-v1", 2, "sync")
+    obs_rms = RunningMeanStd((3,))
+    obs_rms.mean, obs_rms.var = np.array([0.5, -0.5, 1.0]), np.array([4.0, 0.25, 9.0])
+    agent = Agent(3, 1, init_logstd=0.0)
+    with torch.no_grad():
+        agent.actor_mean[-1].weight.mul_(100.0)
+    raw_obs, _ = envs.reset(seed=0)
+    episodes = {"return": np.zeros(2), "length": np.zeros(2, int)}
+    torch.manual_seed(7)
+    rollout, _, _ = collect_rollout(envs, agent, obs_rms, raw_obs, episodes, 16, 10.0, torch.device("cpu"))
+    envs.close()
+    torch.manual_seed(7)
+    noise = torch.randn(16, 2, 1)
+    with torch.no_grad():
+        expected = agent.act(torch.as_tensor(rollout["obs"]), noise)
+    torch.testing.assert_close(torch.as_tensor(rollout["actions"]), expected)
 
 
 def test_statistics_absorb_every_step_after_each_rollout(tmp_path, monkeypatch):
@@ -1008,6 +1403,43 @@ def test_a_resumed_run_continues_the_random_state_it_was_saved_with(tmp_path, mo
     assert len(states) == 2 and torch.equal(states[0], straight[2]) and torch.equal(states[1], straight[3])
     assert not torch.equal(straight[0], straight[2])  # the state does move from iteration to iteration
 
+def test_lr_kl_target_follows_the_last_epochs_mean_kl_not_the_whole_updates(tmp_path, monkeypatch):
+    """Bug caught: the step size adapted to the mean KL of the whole update instead of its last epoch's. One update
+    of 2 epochs x 4 minibatches reports KL 0 in epoch 1 and 0.03 in epoch 2, against --lr-kl-target 0.01: the last
+    epoch's 0.03 > 2 x 0.01 divides the factor by 1.5; the update's mean (0 x 4 + 0.03 x 4) / 8 = 0.015 lies
+    inside [0.005, 0.02] and would keep it at 1."""
+    monkeypatch.chdir(tmp_path)
+    reported = iter([0.0] * 4 + [0.03] * 4)
+
+    def loss_with_set_kl(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, lr_kl_target=0.01, **SMALL))
+    assert load_checkpoint(f"{run_dir}/checkpoint.pt")["lr_scale"] == pytest.approx(1 / 1.5)
+
+
+def test_a_resumed_run_starts_its_episodes_from_seeds_of_its_own(tmp_path, monkeypatch):
+    """Bug caught: a resumed session resetting its envs with the first session's seed, which replays the first
+    session's initial states. Seed 3: the fresh run resets with 3 (its envs 3, 4); resumed at step 512 it resets with
+    3 + 512 = 515."""
+    monkeypatch.chdir(tmp_path)
+    seeds = []
+
+    def recording_envs(*args):
+        envs = make_vector_env(*args)
+        reset = envs.reset
+        envs.reset = lambda **kwargs: seeds.append(kwargs.get("seed")) or reset(**kwargs)
+        return envs
+
+    monkeypatch.setattr(ppo_continuous, "make_vector_env", recording_envs)
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=512, seed=3, eval_episodes=0, **SMALL))
+    checkpoint = load_checkpoint(f"{run_dir}/checkpoint.pt")
+    train(resume_args(Args(resume="x", total_timesteps=768), checkpoint, {"resume", "total_timesteps"}), checkpoint,
+          run_dir)
+    assert seeds == [3, 515]
+
 
 # ==== 2b. Whole runs: the lifecycle (checkpoints, evaluation, resume, signals, reliability) ===========
 # ---- Checkpoints, evaluation, resume, interruption ----------------------------------------------------
@@ -1117,6 +1549,11 @@ def test_resume_rejects_other_env_id(pendulum_run):
     result = run_script("--resume", f"{pendulum_run[0]}/checkpoint.pt", "--env-id", "MountainCarContinuous-v0")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--env-id MountainCarContinuous-v0 differs from the checkpoint's Pendulum-v1" in result.stderr
+
+def test_adam_steps_with_eps_1e_5(pendulum_run):
+    """Bug caught: Adam's ε left at torch's 1e-8 (PPO's reference implementations use 1e-5, which damps the first
+    steps of parameters with tiny second moments, such as log σ)."""
+    assert load_checkpoint(f"{pendulum_run[0]}/checkpoint.pt")["optimizer"]["param_groups"][0]["eps"] == 1e-5
 
 
 def test_bad_checkpoints_exit_with_one_line_message(pendulum_run, tmp_path):
