@@ -2206,13 +2206,17 @@ def test_two_ranks_train_one_policy_and_count_every_step(two_rank_run):
 
 
 def test_two_rank_checkpoint_resumes_with_two_ranks_only(two_rank_run, tmp_path):
-    """Bug caught: a resumed rank restarting from its own state, or a checkpoint resumed by another number of ranks
-    (its iterations and learning-rate schedule assume the batch of 2 ranks)."""
+    """Bugs caught: a resumed rank restarting from its own state, a resumed rank 1 replaying the first session's
+    random draws or initial states (reseeded without the step it resumes at), or a checkpoint resumed by another
+    number of ranks (its iterations and learning-rate schedule assume the batch of 2 ranks)."""
     shutil.copytree(two_rank_run[0] / "runs", tmp_path / "runs")
     checkpoint_path = glob.glob(f"{tmp_path}/runs/*/checkpoint.pt")[0]
     result = finish(torchrun(tmp_path, rank_spy, "--resume", checkpoint_path, "--total-timesteps", "1024"))
     assert result.returncode == 0, result.stderr
-    assert_ranks_hold_one_policy(tmp_path)
+    resumed, first_session = assert_ranks_hold_one_policy(tmp_path)[1], torch.load(two_rank_run[0] / "rank1.pt")
+    # rank 1 (not restored: the checkpoint holds rank 0's generator) draws from seed 1 + rank 1 + step 512 = 514
+    assert torch.equal(resumed["first_rng_state"], torch.Generator().manual_seed(514).get_state())
+    assert not torch.equal(resumed["first_obs"], first_session["first_obs"])
     assert load_checkpoint(checkpoint_path)["global_step"] == 1024
     alone = run_script("--resume", checkpoint_path, "--total-timesteps", "2048")
     assert alone.returncode == 1 and alone.stderr.strip().splitlines() == [

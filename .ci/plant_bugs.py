@@ -278,6 +278,8 @@ KINDS = [
      "envs.reset(seed=args.seed + rank * args.num_envs)", "test_a_resumed_run_starts_its_episodes_from_seeds"),
     ("S38 Adam's default eps", "lr=args.learning_rate, eps=1e-5, fused=True)", "lr=args.learning_rate, fused=True)",
      "test_adam_steps_with_eps_1e_5"),
+    ("S39 a resumed rank 1 reseeded as at the start", 'torch.manual_seed(seed + rank + checkpoint["global_step"])',
+     "torch.manual_seed(seed + rank)", "test_two_rank_checkpoint_resumes"),
 ]
 
 
