@@ -681,9 +681,12 @@ SMALL = dict(num_envs=2, num_steps=128, num_minibatches=4, update_epochs=2, targ
 
 
 def scalars(run_dir: str, tag: str) -> list[float]:
-    accumulator = EventAccumulator(run_dir)
+    """A tag's values in step order over all the run's event files. A resumed session writes a file of its own; in
+    one process within one second its name can sort before the first session's (the writer counter goes from 9 to
+    10), and the accumulator's default purge would then drop the later steps as orphaned."""
+    accumulator = EventAccumulator(run_dir, purge_orphaned_data=False)
     accumulator.Reload()
-    return [event.value for event in accumulator.Scalars(tag)]
+    return [event.value for event in sorted(accumulator.Scalars(tag), key=lambda event: event.step)]
 
 
 @pytest.mark.parametrize("env_id, total_timesteps", [("Pendulum-v1", 1024), ("HalfCheetah-v4", 2048)])
