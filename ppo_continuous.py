@@ -63,7 +63,8 @@ class Args:  # each comment is the option's --help text
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
-    critic_width: int = 64  # units in each of the critic's two hidden layers (the actor's are 64 wide)
+    actor_width: int = 64  # units in each of the actor's two hidden layers
+    critic_width: int = 64  # units in each of the critic's two hidden layers
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
     target_kl: float | None = 0.02  # end an update's epochs once an epoch's mean approximate KL exceeds this
     lr_kl_target: float | None = None  # adapt the step size to the update's KL: /1.5 above 2x this, x1.5 below 1/2
@@ -173,11 +174,12 @@ class RewardScaler:
 class Agent(nn.Module):
     """The actor-critic in one piece: act, score an action, entropy, value."""
 
-    def __init__(self, obs_dim: int, action_dim: int, init_logstd=-1.0, critic_width=64):
+    def __init__(self, obs_dim: int, action_dim: int, init_logstd=-1.0,
+                 actor_width=64, critic_width=64):
         super().__init__()
         self.critic = self.mlp(obs_dim, 1, out_gain=1.0, width=critic_width)
         # μ starts near 0: σ, not chance weights, drives early exploration
-        self.actor_mean = self.mlp(obs_dim, action_dim, out_gain=0.01)
+        self.actor_mean = self.mlp(obs_dim, action_dim, out_gain=0.01, width=actor_width)
         # log σ, a parameter of its own, not a function of s
         self.actor_logstd = nn.Parameter(torch.full((action_dim,), float(init_logstd)))
 
@@ -388,7 +390,8 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
     torch.set_num_threads(args.torch_threads)
     device = pick_device(args.cuda)
     obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id))
-    agent = Agent(obs_dim, action_dim, args.init_logstd, args.critic_width).to(device)
+    agent = Agent(obs_dim, action_dim, args.init_logstd, args.actor_width,
+                  args.critic_width).to(device)
     obs_rms = RunningMeanStd((obs_dim,))
     if checkpoint is not None:
         agent, obs_rms = load_policy(checkpoint, args.env_id, device)
@@ -451,7 +454,7 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
 # ==== II. Around the algorithm: validation, guards, logging, signals, evaluation, checkpoints =====
 RULES = [  # the domain of every numeric option (a comparison with NaN is False, so NaN fails every rule)
     (("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "torch_threads",
-      "critic_width"), lambda v: v > 0, "must be positive"),
+      "actor_width", "critic_width"), lambda v: v > 0, "must be positive"),
     (("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward", "target_kl", "lr_kl_target"),
      lambda v: v is None or 0 < v < np.inf, "must be positive and finite"),
     (("vf_coef", "ent_coef"), lambda v: 0 <= v < np.inf, "must be finite and not negative"),
@@ -767,10 +770,11 @@ def load_checkpoint(path: str) -> dict:
     if "sha256" in checkpoint and checkpoint.pop("sha256") != content_digest(checkpoint):  # older ones carry none
         raise SystemExit(f"error: {path} is corrupted: its contents do not match the checksum saved with them")
     # what checkpoints written before these fields existed mean: one process, no adaptive step size, a constant c2
-    # and a 64-wide critic
+    # and 64-wide networks
     checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint
     if isinstance(checkpoint.get("args"), dict):
-        checkpoint["args"] = {"lr_kl_target": None, "anneal_ent_coef": False, "critic_width": 64} | checkpoint["args"]
+        earlier = {"lr_kl_target": None, "anneal_ent_coef": False, "actor_width": 64, "critic_width": 64}
+        checkpoint["args"] = earlier | checkpoint["args"]
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
                 if part in checkpoint and key not in checkpoint[part]]
@@ -790,7 +794,8 @@ def load_policy(checkpoint: dict, env_id: str, device: torch.device) -> tuple[Ag
     if (obs_dim, action_dim) != (checkpoint["obs_dim"], checkpoint["action_dim"]):
         raise SystemExit(f"error: checkpoint was trained with {checkpoint['obs_dim']} observations and "
                          f"{checkpoint['action_dim']} actions, but {env_id} has {obs_dim} and {action_dim}")
-    agent = Agent(obs_dim, action_dim, critic_width=checkpoint["args"]["critic_width"]).to(device)
+    widths = {name: checkpoint["args"][name] for name in ("actor_width", "critic_width")}
+    agent = Agent(obs_dim, action_dim, **widths).to(device)
     try:
         agent.load_state_dict(checkpoint["agent"])
     except RuntimeError as error:  # missing, unexpected or misshapen weights

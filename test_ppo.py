@@ -635,7 +635,8 @@ def test_adapted_lr_scale_by_hand(lr_scale, epoch_kl, lr_kl_target, expected):
 def test_agent_defaults_are_the_command_lines():
     """Agent's defaults are literals, so that it copies alone; this keeps them in step with Args."""
     defaults = {name: p.default for name, p in inspect.signature(Agent.__init__).parameters.items()}
-    assert (defaults["init_logstd"], defaults["critic_width"]) == (Args.init_logstd, Args.critic_width)
+    for name in ("init_logstd", "actor_width", "critic_width"):
+        assert defaults[name] == getattr(Args, name), name
 
 
 def copied_alone(*pieces) -> dict:
@@ -1500,14 +1501,15 @@ def test_evaluating_checkpoint_reproduces_in_memory_evaluation(pendulum_run):
     assert scalars(run_dir, "eval/mean_return") == pytest.approx([np.mean(eval_returns)])
 
 
-def test_critic_width_shapes_the_critic_alone_and_its_checkpoint_evaluates_and_resumes(tmp_path, monkeypatch):
-    """Bug caught: --critic-width ignored by the training run, applied to the actor too, or forgotten when a checkpoint
-    is evaluated or resumed (its weights would not fit a 64-wide critic)."""
+def test_network_widths_shape_their_own_network_and_their_checkpoint_evaluates_and_resumes(tmp_path, monkeypatch):
+    """Bugs caught: --actor-width or --critic-width ignored by the training run, one applied to the other network, or
+    forgotten when a checkpoint is evaluated or resumed (its weights would not fit 64-wide networks)."""
     monkeypatch.chdir(tmp_path)
-    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, critic_width=16, eval_episodes=0, **SMALL))
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, actor_width=8, critic_width=16, eval_episodes=0,
+                            **SMALL))
     weights = load_checkpoint(f"{run_dir}/checkpoint.pt")["agent"]
     assert [tuple(weights[f"critic.{i}.weight"].shape) for i in (0, 2, 4)] == [(16, 3), (16, 16), (1, 16)]
-    assert [tuple(weights[f"actor_mean.{i}.weight"].shape) for i in (0, 2, 4)] == [(64, 3), (64, 64), (1, 64)]
+    assert [tuple(weights[f"actor_mean.{i}.weight"].shape) for i in (0, 2, 4)] == [(8, 3), (8, 8), (1, 8)]
     result = run_script("--eval-checkpoint", f"{run_dir}/checkpoint.pt", "--eval-episodes", "1")
     assert result.returncode == 0 and "over 1 episodes" in result.stdout, result.stderr
     result = run_script("--resume", f"{run_dir}/checkpoint.pt", "--total-timesteps", "512")
@@ -1810,7 +1812,8 @@ def test_disk_full_while_writing_keeps_last_checkpoint_and_no_temporary_file(pen
      ("clip_coef", 0.0), ("max_grad_norm", float("inf")), ("gamma", float("nan")), ("gae_lambda", -0.1),
      ("target_kl", float("nan")), ("target_kl", 0.0), ("init_logstd", float("nan")), ("clip_obs", -1.0),
      ("clip_reward", float("inf")), ("seed", -1), ("seed", 2**32), ("torch_threads", 0), ("update_epochs", 0),
-     ("num_steps", -5), ("critic_width", 0), ("checkpoint_every", -1), ("eval_episodes", -1), ("total_timesteps", 0)],
+     ("num_steps", -5), ("critic_width", 0), ("actor_width", 0), ("checkpoint_every", -1), ("eval_episodes", -1),
+     ("total_timesteps", 0)],
 )
 def test_every_numeric_option_is_checked_against_its_domain(name, value):
     with pytest.raises(SystemExit, match=f"^error: --{name.replace('_', '-')} must .*, got {value}$"):
@@ -1866,18 +1869,19 @@ def test_checkpoint_missing_a_field_is_one_line(pendulum_run, tmp_path):
 
 def test_checkpoint_from_before_torchrun_and_lr_kl_target_loads_and_resumes(tmp_path, monkeypatch):
     """Bug caught: checkpoints written before the world_size, lr_scale, --lr-kl-target, --anneal-ent-coef and
-    --critic-width fields existed being refused as incomplete, resumed with a decaying c2, or given today's critic
-    width. They mean one process, no adaptive step size, a constant c2 and a 64-wide critic."""
+    width fields existed being refused as incomplete, resumed with a decaying c2, or given today's widths. They mean
+    one process, no adaptive step size, a constant c2 and 64-wide networks."""
     monkeypatch.chdir(tmp_path)
-    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, critic_width=64, eval_episodes=0, **SMALL))
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, **SMALL))
     path = f"{run_dir}/checkpoint.pt"
     checkpoint = load_checkpoint(path)
     del checkpoint["world_size"], checkpoint["lr_scale"], checkpoint["args"]["lr_kl_target"]
-    del checkpoint["args"]["anneal_ent_coef"], checkpoint["args"]["critic_width"]
+    for name in ("anneal_ent_coef", "actor_width", "critic_width"):
+        del checkpoint["args"][name]
     torch.save(checkpoint, path)
     loaded = load_checkpoint(path)
     assert (loaded["world_size"], loaded["lr_scale"], loaded["args"]["lr_kl_target"]) == (1, 1.0, None)
-    assert (loaded["args"]["anneal_ent_coef"], loaded["args"]["critic_width"]) == (False, 64)
+    assert [loaded["args"][name] for name in ("anneal_ent_coef", "actor_width", "critic_width")] == [False, 64, 64]
     result = run_script("--resume", path, "--total-timesteps", str(checkpoint["global_step"] + 512))
     assert result.returncode == 0, result.stderr
 
