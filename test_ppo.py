@@ -1080,6 +1080,17 @@ def test_gradient_norm_is_clipped_before_every_adam_step(tmp_path, monkeypatch):
     assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
 
 
+def report_kls(monkeypatch, kls: list[float]) -> None:
+    """Make the k-th ppo_loss call report kls[k] as its approximate KL (the loss itself is untouched)."""
+    reported = iter(kls)
+
+    def loss_with_set_kl(*inputs, **coefficients):
+        loss, stats = ppo_loss(*inputs, **coefficients)
+        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
+
+    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+
+
 @pytest.mark.parametrize(
     "reported_kls",
     [pytest.param([0.0, 0.0, 0.0, 0.05] + [0.03] * 4, id="not the last minibatch's: epoch 1 ends on 0.05"),
@@ -1092,13 +1103,7 @@ def test_target_kl_ends_the_update_after_the_first_epoch_whose_mean_kl_exceeds_i
     updates stop after epoch 2. A last-minibatch rule would stop the first after epoch 1 (0.05); a mean since the
     start would not stop the second after epoch 2 ((0 x 4 + 0.03 x 4) / 8 = 0.015)."""
     monkeypatch.chdir(tmp_path)
-    reported = iter(reported_kls + [0.03] * 100)
-
-    def loss_with_set_kl(*inputs, **coefficients):
-        loss, stats = ppo_loss(*inputs, **coefficients)
-        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
-
-    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    report_kls(monkeypatch, reported_kls + [0.03] * 100)
     run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, save_model=False,
                             **{**SMALL, "update_epochs": 5, "target_kl": 0.02}))
     assert scalars(run_dir, "charts/epochs_run") == [2]
@@ -1110,15 +1115,9 @@ def test_lr_kl_target_divides_or_multiplies_the_step_size_by_1_5_and_the_schedul
     Factors used by iterations 1-6: 1, 1/1.5, 1 (2/3 x 1.5), 1 (capped), 1/1.5, 1/1.5; the schedule anneals from 1
     by 1/6 per iteration, so the step sizes are 2e-3 x (1, 5/6 / 1.5, 4/6, 3/6, 2/6 / 1.5, 1/6 / 1.5)."""
     monkeypatch.chdir(tmp_path)
-    update_kls = iter([0.05, 0.001, 0.001, 0.05, 0.01, 0.01, 0.01])
+    update_kls = [0.05, 0.001, 0.001, 0.05, 0.01, 0.01, 0.01]
     minibatches_per_update = SMALL["update_epochs"] * SMALL["num_minibatches"]
-    reported = iter(kl for kl in update_kls for _ in range(minibatches_per_update))
-
-    def loss_with_set_kl(*inputs, **coefficients):
-        loss, stats = ppo_loss(*inputs, **coefficients)
-        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
-
-    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    report_kls(monkeypatch, [kl for kl in update_kls for _ in range(minibatches_per_update)])
     run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=6 * 256, eval_episodes=0, learning_rate=2e-3,
                             lr_kl_target=0.01, **SMALL))
     expected = [2e-3 * x for x in (1, 5 / 6 / 1.5, 4 / 6, 3 / 6, 2 / 6 / 1.5, 1 / 6 / 1.5)]
@@ -1413,13 +1412,7 @@ def test_lr_kl_target_follows_the_last_epochs_mean_kl_not_the_whole_updates(tmp_
     epoch's 0.03 > 2 x 0.01 divides the factor by 1.5; the update's mean (0 x 4 + 0.03 x 4) / 8 = 0.015 lies
     inside [0.005, 0.02] and would keep it at 1."""
     monkeypatch.chdir(tmp_path)
-    reported = iter([0.0] * 4 + [0.03] * 4)
-
-    def loss_with_set_kl(*inputs, **coefficients):
-        loss, stats = ppo_loss(*inputs, **coefficients)
-        return loss, {**stats, "approx_kl": torch.tensor(next(reported))}
-
-    monkeypatch.setattr(ppo_continuous, "ppo_loss", loss_with_set_kl)
+    report_kls(monkeypatch, [0.0] * 4 + [0.03] * 4)
     run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=0, lr_kl_target=0.01, **SMALL))
     assert load_checkpoint(f"{run_dir}/checkpoint.pt")["lr_scale"] == pytest.approx(1 / 1.5)
 
