@@ -247,7 +247,6 @@ def pool_mode(args) -> None:
     for run in runs.values():
         run["final"] = float(np.mean([value for _, value in run["episodes"][-10:]]))
     envs = list(dict.fromkeys(run["env"] for run in runs.values()))
-    rng = np.random.default_rng(0)
     with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
         f.write(f"Every final table of these defaults, pooled: `{' '.join(['python', *sys.argv])}`\n\n"
                 + "\n".join(sources) + "\n\n| env | seeds | final: mean ± std | 95 % bootstrap interval of the mean "
@@ -255,6 +254,7 @@ def pool_mode(args) -> None:
         for env_id in envs:
             env_runs = sorted((run for run in runs.values() if run["env"] == env_id), key=lambda run: run["seed"])
             final = np.array([run["final"] for run in env_runs])
+            rng = np.random.default_rng(0)  # seeded per env: an env's interval does not depend on the others
             means = rng.choice(final, size=(10_000, len(final))).mean(1)  # resample the seeds, with replacement
             low, high = np.percentile(means, [2.5, 97.5])
             ordered = np.sort(final)
