@@ -28,6 +28,10 @@ env, seeded), the interquartile mean and the worst seed; writes <out>.md and <ou
 exchange: times the one all-reduce that data-parallel training makes per Adam step (the gradient of the
 default HalfCheetah networks) between `--ranks` gloo ranks under torchrun, idle and with a matrix
 product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md.
+
+noise: what the policy's remaining noise costs at the end of training: evaluates saved checkpoints (`--checkpoints`,
+globs) for 10 episodes each, sampling actions with σ scaled by each of `--scales` (0: the mean action), and writes
+<out>.md (per env, mean ± std over checkpoints, for each scale).
 """
 
 import argparse
@@ -295,6 +299,11 @@ def main() -> None:
     pool.add_argument("--tables", nargs="+", required=True, help="result names (<name>.md and <name>_curves.csv)")
     pool.add_argument("--steps", type=int, default=1_000_000)
     pool.add_argument("--out", default="pooled")
+    noise = modes.add_parser("noise", help="checkpoints' returns with the policy's σ scaled")
+    noise.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint.pt paths or globs")
+    noise.add_argument("--scales", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.0])
+    noise.add_argument("--episodes", type=int, default=10)
+    noise.add_argument("--out", default="noise")
     exchange = modes.add_parser("exchange", help="time of one gradient all-reduce between torchrun ranks")
     exchange.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
@@ -305,8 +314,42 @@ def main() -> None:
         pool_mode(args)
     elif args.mode == "exchange":
         exchange_mode(args)
+    elif args.mode == "noise":
+        noise_mode(args)
     else:
         throughput_mode(args)
+
+
+def noise_mode(args) -> None:
+    """Evaluation returns of trained policies whose σ is scaled: how much the noise left at 1M steps costs."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from ppo_continuous import evaluate, load_policy
+
+    torch.set_num_threads(1)
+    paths = sorted(path for pattern in args.checkpoints for path in glob.glob(pattern))
+    returns = {}  # (env, scale) -> one mean return per checkpoint
+    for path in paths:
+        checkpoint = torch.load(path, weights_only=False)
+        saved = checkpoint["args"]
+        for scale in args.scales:
+            agent, obs_rms = load_policy(checkpoint, saved["env_id"], torch.device("cpu"))
+            agent.actor_logstd.data += np.log(scale) if scale > 0 else 0.0
+            episode_returns = evaluate(agent, obs_rms, saved["env_id"], episodes=args.episodes, seed=saved["seed"],
+                                       clip_obs=saved["clip_obs"], stochastic=scale > 0)
+            returns.setdefault((saved["env_id"], scale), []).append(np.mean(episode_returns))
+            print(f"{path} σ x {scale}: {np.mean(episode_returns):,.0f}", flush=True)
+    envs = list(dict.fromkeys(env for env, _ in returns))
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(f"`{' '.join(['python', *sys.argv])}` on {machine()}: {len(paths)} checkpoints, {args.episodes} "
+                f"episodes each, actions sampled with σ scaled (0: the mean action); mean ± std over checkpoints\n\n"
+                f"| env | checkpoints | " + " | ".join(f"σ x {scale}" for scale in args.scales) + " |\n|---|---:|"
+                + "---:|" * len(args.scales) + "\n")
+        for env_id in envs:
+            cells = [f"{np.mean(returns[env_id, s]):,.0f} ± {np.std(returns[env_id, s]):,.0f}" for s in args.scales]
+            f.write(f"| {env_id} | {len(returns[env_id, args.scales[0]])} | " + " | ".join(cells) + " |\n")
+    print(open(os.path.join(RESULTS, f"{args.out}.md")).read())
 
 
 def exchange_mode(args) -> None:
