@@ -30,8 +30,8 @@ default HalfCheetah networks) between `--ranks` gloo ranks under torchrun, idle 
 product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md.
 
 noise: what the policy's remaining noise costs at the end of training: evaluates saved checkpoints (`--checkpoints`,
-globs) for 10 episodes each, sampling actions with σ scaled by each of `--scales` (0: the mean action), and writes
-<out>.md (per env, mean ± std over checkpoints, for each scale).
+globs) for `--episodes` episodes each (10), sampling actions with σ scaled by each of `--scales` (0: the mean
+action), and writes <out>.md (per env, mean ± std over checkpoints, for each scale).
 """
 
 import argparse
@@ -329,6 +329,8 @@ def noise_mode(args) -> None:
 
     torch.set_num_threads(1)
     paths = sorted(path for pattern in args.checkpoints for path in glob.glob(pattern))
+    if not paths or min(args.scales) < 0:
+        sys.exit(f"error: no checkpoint matches {args.checkpoints}" if not paths else "error: --scales must be >= 0")
     returns = {}  # (env, scale) -> one mean return per checkpoint
     for path in paths:
         checkpoint = torch.load(path, weights_only=False)
