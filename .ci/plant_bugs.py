@@ -6,7 +6,7 @@
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
 R1-R14 issue #10's (by item number), K, L, E and W issue #11's, D issue #12's (data parallel), F a formula's,
 T issue #23's (properties of the loop and the update), C issue #24's (reliability), S issue #23's survivors of
-the mutation run and the line-by-line reading.
+the mutation run and the line-by-line reading, P screen P's --rescale-actions.
 """
 
 import os
@@ -281,6 +281,16 @@ KINDS = [
      "test_adam_steps_with_eps_1e_5"),
     ("S39 a resumed rank 1 reseeded as at the start", 'torch.manual_seed(seed + rank + checkpoint["global_step"])',
      "torch.manual_seed(seed + rank)", "test_two_rank_checkpoint_resumes"),
+    ("P1 actions never rescaled", "if rescale_actions and np.isfinite", "if False and np.isfinite",
+     "test_rescaled_actions_map"),
+    ("P2 a [-1, 1] space rescaled too", " and not (np.all(low == -1) and np.all(high == 1)):", ":",
+     "test_rescaled_actions_map"),
+    ("P3 rollout envs built without the setting", "thunks = [lambda: make_env(env_id, rescale_actions)]",
+     "thunks = [lambda: make_env(env_id, False)]", "test_rescale_actions_reaches"),
+    ("P4 evaluation built without the setting", "env = make_env(env_id, rescale_actions, **render)",
+     "env = make_env(env_id, False, **render)", "test_rescale_actions_reaches"),
+    ("P5 --eval-checkpoint ignores the saved setting", 'rescale_actions=checkpoint["args"]["rescale_actions"],',
+     "rescale_actions=False,", "test_rescale_actions_reaches"),
 ]
 
 

@@ -339,7 +339,8 @@ def noise_mode(args) -> None:
             agent, obs_rms = load_policy(checkpoint, saved["env_id"], torch.device("cpu"))
             agent.actor_logstd.data += np.log(scale) if scale > 0 else 0.0
             episode_returns = evaluate(agent, obs_rms, saved["env_id"], episodes=args.episodes, seed=saved["seed"],
-                                       clip_obs=saved["clip_obs"], stochastic=scale > 0)
+                                       clip_obs=saved["clip_obs"], rescale_actions=saved.get("rescale_actions", False),
+                                       stochastic=scale > 0)
             returns.setdefault((saved["env_id"], scale), []).append(np.mean(episode_returns))
             print(f"{path} σ x {scale}: {np.mean(episode_returns):,.0f}", flush=True)
     envs = list(dict.fromkeys(env for env, _ in returns))
