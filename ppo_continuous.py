@@ -63,7 +63,7 @@ class Args:  # each comment is the option's --help text
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
-    rescale_actions: bool = False  # the policy acts in [-1, 1], mapped onto bounded actions: σ is a share of the range
+    rescale_actions: bool = True  # the policy acts in [-1, 1], mapped onto bounded actions: σ is a share of the range
     actor_width: int = 64  # units in each of the actor's two hidden layers
     critic_width: int = 64  # units in each of the critic's two hidden layers
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
