@@ -750,6 +750,7 @@ def test_rescale_actions_reaches_every_env_the_policy_acts_in(tmp_path, monkeypa
                             **SMALL))
     assert made == [False, rescale, rescale, rescale]  # the probe, the 2 rollout envs, the evaluation's
     made.clear()
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # main() sets it for its process: put it back afterwards
     monkeypatch.setattr(sys, "argv", ["ppo_continuous.py", "--eval-checkpoint", f"{run_dir}/checkpoint.pt",
                                       "--eval-episodes", "1"])
     ppo_continuous.main()
