@@ -63,6 +63,7 @@ class Args:  # each comment is the option's --help text
     vf_coef: float = 0.25  # weight c1 of the value loss L^VF
     max_grad_norm: float = 0.5  # clip the global gradient norm to this
     init_logstd: float = -1.0  # initial log σ of the Gaussian policy (-1: σ ≈ 0.37)
+    rescale_actions: bool = True  # the policy acts in [-1, 1], mapped onto bounded actions: σ is a share of the range
     actor_width: int = 64  # units in each of the actor's two hidden layers
     critic_width: int = 64  # units in each of the critic's two hidden layers
     recompute_advantages: bool = False  # recompute Â_t and R_t with the current critic before every epoch
@@ -88,17 +89,23 @@ class Args:  # each comment is the option's --help text
 # ending step returns the reset observation, the true last one in infos["final_obs"]). SAME_STEP
 # keeps every stored transition real, the final observation a time-limit cut bootstraps from at
 # hand. Gymnasium's NormalizeObservation refuses SAME_STEP, so normalization below is ours.
-def make_env(env_id: str, **kwargs) -> gym.Env:
-    """gym.make, with any failure to build the environment reported in one line."""
+def make_env(env_id: str, rescale_actions: bool, **kwargs) -> gym.Env:
+    """gym.make, with any failure to build the environment reported in one line. rescale_actions: the env takes
+    actions in [-1, 1], mapped affinely onto its bounds (spaces already [-1, 1], or unbounded, are left alone)."""
     try:
-        return gym.make(env_id, **kwargs)
+        env = gym.make(env_id, **kwargs)
+        low, high = getattr(env.action_space, "low", -1), getattr(env.action_space, "high", 1)
+        if rescale_actions and np.isfinite([low, high]).all() and not (np.all(low == -1) and np.all(high == 1)):
+            one = np.ones_like(high)  # in the space's dtype: a float64 bound would draw a warning
+            env = gym.wrappers.RescaleAction(env, -one, one)
+        return env
     except Exception as error:  # unknown ids, missing packages, broken constructors: many types
         raise SystemExit(f"error: cannot make environment {env_id!r}: {one_line(error)}")
 
 
 def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     """Observation and action spaces of env_id, or exit with one line if PPO cannot use them."""
-    probe = make_env(env_id)
+    probe = make_env(env_id, rescale_actions=False)  # only the shapes are read
     probe.close()
     for name, space in (("observations", probe.observation_space), ("actions", probe.action_space)):
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
@@ -106,9 +113,9 @@ def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     return probe.observation_space, probe.action_space
 
 
-def make_vector_env(env_id: str, num_envs: int, vector_mode: str) -> gym.vector.VectorEnv:
+def make_vector_env(env_id: str, num_envs: int, vector_mode: str, rescale_actions: bool) -> gym.vector.VectorEnv:
     vector_class = gym.vector.SyncVectorEnv if vector_mode == "sync" else gym.vector.AsyncVectorEnv
-    thunks = [lambda: make_env(env_id)] * num_envs
+    thunks = [lambda: make_env(env_id, rescale_actions)] * num_envs
     # copy=False: step() returns the envs' own buffer, which the rollout copies at once
     return vector_class(thunks, autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
 
@@ -403,7 +410,7 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
                                                                     reward_scaler, args.seed)
     running_episodes = {"return": np.zeros(args.num_envs), "length": np.zeros(args.num_envs, int)}
 
-    envs_args = (make_vector_env, args.env_id, args.num_envs, args.vector_mode)
+    envs_args = (make_vector_env, args.env_id, args.num_envs, args.vector_mode, args.rescale_actions)
     with (Run(args, run_dir, global_step, num_iterations) as run, StopSignals() as stop,
           contextlib.closing(stop.shielded(*envs_args)) as envs):
         # a resumed run starts fresh episodes (env state is not saved), seeded apart
@@ -587,7 +594,8 @@ class Run:
             return []
         video_dir = os.path.join(self.dir, "videos") if self.args.capture_video else None
         returns = evaluate(agent, obs_rms, self.args.env_id, episodes=self.args.eval_episodes, seed=self.args.seed,
-                           clip_obs=self.args.clip_obs, stochastic=self.args.eval_stochastic, video_dir=video_dir)
+                           clip_obs=self.args.clip_obs, rescale_actions=self.args.rescale_actions,
+                           stochastic=self.args.eval_stochastic, video_dir=video_dir)
         self.writer.add_scalar("eval/mean_return", np.mean(returns), global_step)
         self.writer.add_scalar("eval/std_return", np.std(returns), global_step)
         print(f"evaluation: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
@@ -650,9 +658,10 @@ def check_rendering(env_id: str) -> None:
 
 
 def evaluate(agent: Agent, obs_rms: RunningMeanStd, env_id: str, *, episodes: int, seed: int, clip_obs: float,
-             stochastic: bool = False, video_dir: str | None = None) -> list[float]:
+             rescale_actions: bool, stochastic: bool = False, video_dir: str | None = None) -> list[float]:
     """Raw returns of `episodes` episodes in a fresh env; the statistics are only read, never updated."""
-    env = make_env(env_id, render_mode="rgb_array") if video_dir else make_env(env_id)  # not every env takes one
+    render = {"render_mode": "rgb_array"} if video_dir else {}  # not every env takes one
+    env = make_env(env_id, rescale_actions, **render)
     if video_dir:
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda _: True, name_prefix="eval")
     device = next(agent.parameters()).device
@@ -769,11 +778,12 @@ def load_checkpoint(path: str) -> dict:
         raise SystemExit(f"error: {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     if "sha256" in checkpoint and checkpoint.pop("sha256") != content_digest(checkpoint):  # older ones carry none
         raise SystemExit(f"error: {path} is corrupted: its contents do not match the checksum saved with them")
-    # what checkpoints written before these fields existed mean: one process, no adaptive step size, a constant c2
-    # and 64-wide networks
+    # what checkpoints written before these fields existed mean: one process, no adaptive step size, a constant c2,
+    # 64-wide networks and actions in the env's own bounds
     checkpoint = {"world_size": 1, "lr_scale": 1.0} | checkpoint
     if isinstance(checkpoint.get("args"), dict):
-        earlier = {"lr_kl_target": None, "anneal_ent_coef": False, "actor_width": 64, "critic_width": 64}
+        earlier = {"lr_kl_target": None, "anneal_ent_coef": False, "actor_width": 64, "critic_width": 64,
+                   "rescale_actions": False}
         checkpoint["args"] = earlier | checkpoint["args"]
     missing = [name for name in CHECKPOINT_FIELDS if name not in checkpoint]
     missing += [f"{part}.{key}" for part in ("obs_rms", "return_rms") for key in ("mean", "var", "count")
@@ -842,7 +852,8 @@ def evaluate_checkpoint(args: Args, given: set[str]) -> None:
         check_rendering(env_id)
     video_dir = os.path.join(os.path.dirname(args.eval_checkpoint), "videos") if args.capture_video else None
     returns = evaluate(agent, obs_rms, env_id, episodes=args.eval_episodes, seed=args.seed, video_dir=video_dir,
-                       clip_obs=checkpoint["args"]["clip_obs"], stochastic=args.eval_stochastic)
+                       clip_obs=checkpoint["args"]["clip_obs"], rescale_actions=checkpoint["args"]["rescale_actions"],
+                       stochastic=args.eval_stochastic)
     print(f"{env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes "
           f"({'sampled' if args.eval_stochastic else 'mean'} actions)")
 

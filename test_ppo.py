@@ -46,6 +46,7 @@ from ppo_continuous import (
     evaluate,
     load_checkpoint,
     load_policy,
+    make_env,
     make_run_dir,
     make_vector_env,
     normalize_obs,
@@ -720,9 +721,46 @@ def test_training_feeds_gae_the_time_limit_end(tmp_path, monkeypatch):
     assert final_values[199, 0] != values[200, 0]
 
 
+def test_rescaled_actions_map_minus_one_to_one_onto_the_bounds():
+    """Bugs caught: the rescaling skipped, or applied to a space already [-1, 1] (whose runs must stay bit for bit
+    those without it). Pendulum's torque bound is ±2: a = 0.5 reaches the env as 2 x 0.5 = 1.0 and a = -1 as -2, so
+    one step from the same reset lands where the bare env's torques 1.0 and -2.0 do. MountainCarContinuous is
+    already [-1, 1] and gets no wrapper."""
+    rescaled, bare = make_env("Pendulum-v1", True), make_env("Pendulum-v1", False)
+    assert (rescaled.action_space.low, rescaled.action_space.high) == (-1, 1)
+    assert (bare.action_space.low, bare.action_space.high) == (-2, 2)
+    for action, torque in ((0.5, 1.0), (-1.0, -2.0)):
+        rescaled.reset(seed=0), bare.reset(seed=0)
+        obs = rescaled.step(np.array([action], np.float32))[0]
+        np.testing.assert_array_equal(obs, bare.step(np.array([torque], np.float32))[0])
+    assert type(make_env("MountainCarContinuous-v0", True)) is type(make_env("MountainCarContinuous-v0", False))
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_rescale_actions_reaches_every_env_the_policy_acts_in(tmp_path, monkeypatch, rescale):
+    """Bugs caught: the rollout's envs, the final evaluation's or --eval-checkpoint's built without the run's
+    setting (a policy trained in [-1, 1] would then act at half of Pendulum's torque, or one trained in ±2 at
+    twice it). Only checked_spaces' probe, which reads shapes, is made without it."""
+    monkeypatch.chdir(tmp_path)
+    made = []
+    real_make_env = ppo_continuous.make_env
+    monkeypatch.setattr(ppo_continuous, "make_env", lambda env_id, rescale_actions, **kwargs:
+                        made.append(rescale_actions) or real_make_env(env_id, rescale_actions, **kwargs))
+    run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=1, rescale_actions=rescale,
+                            **SMALL))
+    assert made == [False, rescale, rescale, rescale]  # the probe, the 2 rollout envs, the evaluation's
+    made.clear()
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # main() sets it for its process: put it back afterwards
+    monkeypatch.setattr(sys, "argv", ["ppo_continuous.py", "--eval-checkpoint", f"{run_dir}/checkpoint.pt",
+                                      "--eval-episodes", "1"])
+    ppo_continuous.main()
+    assert made == [False, rescale]  # load_policy's probe, the evaluation's
+
+
 def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path, monkeypatch):
-    """Pendulum's torque bound is ±2; with σ = e ≈ 2.7 many samples fall outside it. The env must receive
-    clip(a_t), while the batch scored for log π_old holds the unclipped a_t, in step order."""
+    """The policy acts in [-1, 1] (Pendulum's ±2 torque is rescaled behind the vector env); with σ = e ≈ 2.7 many
+    samples fall outside it. The envs must receive clip(a_t), while the batch scored for log π_old holds the
+    unclipped a_t, in step order."""
     monkeypatch.chdir(tmp_path)
     sent, scored = [], []
     make_envs = ppo_continuous.make_vector_env
@@ -744,8 +782,8 @@ def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path,
     train(Args(env_id="Pendulum-v1", total_timesteps=256, init_logstd=1.0, eval_episodes=0, save_model=False, **SMALL))
     stored = scored[0].cpu().numpy()  # the first call scores the whole rollout, (T*N, action_dim) in step order
     sent = np.concatenate(sent)
-    assert (np.abs(stored) > 2).mean() > 0.2  # the case this test is about does occur
-    np.testing.assert_array_equal(sent, np.clip(stored, -2.0, 2.0))
+    assert (np.abs(stored) > 1).mean() > 0.2  # the case this test is about does occur
+    np.testing.assert_array_equal(sent, np.clip(stored, -1.0, 1.0))
 
 
 def test_recompute_advantages_runs_gae_every_epoch(tmp_path, monkeypatch):
@@ -861,7 +899,7 @@ class RecordingEnvs:
 def test_rollout_normalizes_with_frozen_statistics_including_the_final_obs():
     """Bugs caught: the final observation that bootstraps a time-limit end stored raw; the statistics moving
     inside a rollout. Statistics far from Pendulum's (mean 0.5, std 2 / 0.5 / 3) make both visible."""
-    envs = make_vector_env("Pendulum-v1", 1, "sync")
+    envs = make_vector_env("Pendulum-v1", 1, "sync", False)
     recording = RecordingEnvs(envs)
     obs_rms = RunningMeanStd((3,))
     obs_rms.mean, obs_rms.var = np.array([0.5, -0.5, 1.0]), np.array([4.0, 0.25, 9.0])
@@ -908,7 +946,7 @@ def test_episodes_that_end_on_different_steps_are_each_logged_and_restarted_alon
     in from the rollout before lost. Three Countdown envs for 40 steps; env 0 carries a return of 100 over 3 steps
     from the rollout before. Each logged (step, return, length) is recomputed here from the envs' own rewards and
     ends: env 0's first episode, of k steps, is logged as 100 + 1 + ... + k over 3 + k steps."""
-    envs = make_vector_env("Countdown-v0", 3, "sync")
+    envs = make_vector_env("Countdown-v0", 3, "sync", False)
     recording = RecordingEnvs(envs)
     raw_obs, _ = envs.reset(seed=0)
     episodes = {"return": np.array([100.0, 0.0, 0.0]), "length": np.array([3, 0, 0])}
@@ -973,7 +1011,7 @@ def test_the_policy_acts_on_each_stored_state_with_fresh_noise_for_every_step_an
     one is stored (log π_old is computed later from the stored one). Each stored action must be μ(stored s_t) + σ ε
     with the ε drawn for that step and env: the rollout's draw is replayed from the same seed. Statistics far from
     Pendulum's and a last layer scaled up make μ differ between raw and normalized states."""
-    envs = make_vector_env("Pendulum-v1", 2, "sync")
+    envs = make_vector_env("Pendulum-v1", 2, "sync", False)
     obs_rms = RunningMeanStd((3,))
     obs_rms.mean, obs_rms.var = np.array([0.5, -0.5, 1.0]), np.array([4.0, 0.25, 9.0])
     agent = Agent(3, 1, init_logstd=0.0)
@@ -1010,7 +1048,7 @@ def test_evaluation_only_reads_the_statistics():
     """Bug caught: evaluation updating the observation statistics."""
     obs_rms = RunningMeanStd((3,))
     obs_rms.mean, obs_rms.var, obs_rms.count = np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0, 3.0]), 50.0
-    evaluate(Agent(3, 1), obs_rms, "Pendulum-v1", episodes=1, seed=0, clip_obs=10.0)
+    evaluate(Agent(3, 1), obs_rms, "Pendulum-v1", episodes=1, seed=0, clip_obs=10.0, rescale_actions=False)
     assert obs_rms.mean.tolist() == [0.1, 0.2, 0.3] and obs_rms.var.tolist() == [1.0, 2.0, 3.0] and obs_rms.count == 50
 
 
@@ -1772,7 +1810,8 @@ def test_non_finite_checkpoint_and_returns_are_refused(pendulum_run, tmp_path):
         load_checkpoint(str(tmp_path / "nan.pt"))
     gym.register("NaNRewardPendulum-v0", entry_point=BrokenAfter100Steps)
     with pytest.raises(SystemExit, match="gave non-finite returns"):
-        evaluate(Agent(3, 1), RunningMeanStd((3,)), "NaNRewardPendulum-v0", episodes=1, seed=0, clip_obs=10.0)
+        evaluate(Agent(3, 1), RunningMeanStd((3,)), "NaNRewardPendulum-v0", episodes=1, seed=0, clip_obs=10.0,
+                 rescale_actions=False)
 
 
 def test_unwritable_runs_directory_is_one_line(tmp_path):
@@ -1869,12 +1908,13 @@ def test_checkpoint_from_before_torchrun_and_lr_kl_target_loads_and_resumes(tmp_
     path = f"{run_dir}/checkpoint.pt"
     checkpoint = load_checkpoint(path)
     del checkpoint["world_size"], checkpoint["lr_scale"], checkpoint["args"]["lr_kl_target"]
-    for name in ("anneal_ent_coef", "actor_width", "critic_width"):
+    names = ("anneal_ent_coef", "actor_width", "critic_width", "rescale_actions")
+    for name in names:
         del checkpoint["args"][name]
     torch.save(checkpoint, path)
     loaded = load_checkpoint(path)
     assert (loaded["world_size"], loaded["lr_scale"], loaded["args"]["lr_kl_target"]) == (1, 1.0, None)
-    assert [loaded["args"][name] for name in ("anneal_ent_coef", "actor_width", "critic_width")] == [False, 64, 64]
+    assert [loaded["args"][name] for name in names] == [False, 64, 64, False]
     result = run_script("--resume", path, "--total-timesteps", str(checkpoint["global_step"] + 512))
     assert result.returncode == 0, result.stderr
 

@@ -6,7 +6,7 @@
 Not part of CI: run it after changing a test or the code a test guards. Kinds 1-6 are issue #9's,
 R1-R14 issue #10's (by item number), K, L, E and W issue #11's, D issue #12's (data parallel), F a formula's,
 T issue #23's (properties of the loop and the update), C issue #24's (reliability), S issue #23's survivors of
-the mutation run and the line-by-line reading.
+the mutation run and the line-by-line reading, P screen P's --rescale-actions.
 """
 
 import os
@@ -109,8 +109,8 @@ KINDS = [
      "    except gym.error.Error as error:  # unknown ids, missing packages",
      "test_any_failure_to_make_the_environment_is_one_line"),
     ("R11 render_mode always passed",
-     'env = make_env(env_id, render_mode="rgb_array") if video_dir else make_env(env_id)',
-     'env = make_env(env_id, render_mode="rgb_array" if video_dir else None)',
+     'render = {"render_mode": "rgb_array"} if video_dir else {}',
+     'render = {"render_mode": "rgb_array" if video_dir else None}',
      "test_env_without_render_mode_argument"),
     ("W1 critic width ignored in training", "args.actor_width,\n                  args.critic_width).to(device)",
      "args.actor_width).to(device)", "test_network_widths"),
@@ -122,7 +122,7 @@ KINDS = [
      "test_every_numeric_option_is_checked_against_its_domain"),
     ("W5 actor width ignored in training", "args.init_logstd, args.actor_width,\n",
      "args.init_logstd, critic_width=\n", "test_network_widths"),
-    ("W6 old checkpoints given today's actor width", '"actor_width": 64, "critic_width": 64}', '"critic_width": 64}',
+    ("W6 old checkpoints given today's actor width", '"actor_width": 64, "critic_width": 64,', '"critic_width": 64,',
      "test_checkpoint_from_before_torchrun"),
     # issue #23: properties of the loop and the update, and the held-out areas
     ("T1 s_T normalized after the statistics moved",
@@ -157,8 +157,8 @@ KINDS = [
      "test_a_resumed_run_continues_the_random_state"),
     ("T12 final evaluation samples", "stochastic=self.args.eval_stochastic", "stochastic=True",
      "test_evaluation_takes_the_mean_action"),
-    ("T13 --eval-checkpoint samples", "clip_obs=checkpoint[\"args\"][\"clip_obs\"], stochastic=args.eval_stochastic",
-     "clip_obs=checkpoint[\"args\"][\"clip_obs\"], stochastic=True", "test_evaluation_takes_the_mean_action"),
+    ("T13 --eval-checkpoint samples", "                       stochastic=args.eval_stochastic)",
+     "                       stochastic=True)", "test_evaluation_takes_the_mean_action"),
     ("T14 a stop with --no-save-model is not saved", "if stop.agreed() or args.save_model:", "if args.save_model:",
      "test_stop_signal_saves_checkpoint_and_leaves_no_workers"),
     ("T15 an episode's length off by one", "(step, episode_return, length) for",
@@ -281,6 +281,16 @@ KINDS = [
      "test_adam_steps_with_eps_1e_5"),
     ("S39 a resumed rank 1 reseeded as at the start", 'torch.manual_seed(seed + rank + checkpoint["global_step"])',
      "torch.manual_seed(seed + rank)", "test_two_rank_checkpoint_resumes"),
+    ("P1 actions never rescaled", "if rescale_actions and np.isfinite", "if False and np.isfinite",
+     "test_rescaled_actions_map"),
+    ("P2 a [-1, 1] space rescaled too", " and not (np.all(low == -1) and np.all(high == 1)):", ":",
+     "test_rescaled_actions_map"),
+    ("P3 rollout envs built without the setting", "thunks = [lambda: make_env(env_id, rescale_actions)]",
+     "thunks = [lambda: make_env(env_id, False)]", "test_rescale_actions_reaches"),
+    ("P4 evaluation built without the setting", "env = make_env(env_id, rescale_actions, **render)",
+     "env = make_env(env_id, False, **render)", "test_rescale_actions_reaches"),
+    ("P5 --eval-checkpoint ignores the saved setting", 'rescale_actions=checkpoint["args"]["rescale_actions"],',
+     "rescale_actions=False,", "test_rescale_actions_reaches"),
 ]
 
 

@@ -234,15 +234,19 @@ def plot_curves(runs: list[dict], envs: list[str], steps: int, path: str) -> Non
 
 
 def pool_mode(args) -> None:
-    """Every final table named, pooled: per env, the final returns of all their seeds."""
+    """Every final table named, pooled: per env, the final returns of all their seeds. A table named as
+    name:Env-v4,Other-v4 gives only those envs' runs (the others ran under defaults that have since changed)."""
     runs, sources = {}, []
-    for table in args.tables:
+    for spec in args.tables:
+        table, _, only = spec.partition(":")
         text = open(os.path.join(RESULTS, f"{table}.md")).read()
-        sources.append(f"- `{table}`: {text.splitlines()[0]}")
+        sources.append(f"- `{table}`{f' ({only} only)' if only else ''}: {text.splitlines()[0]}")
         per_run = re.findall(r"(\S+) seed (\d+): [-\d,]+ / ([-\d,]+)", text)
         evaluations = {(env, int(seed)): float(value.replace(",", "")) for env, seed, value in per_run}
         with open(os.path.join(RESULTS, f"{table}_curves.csv")) as f:
             for row in csv.DictReader(f):
+                if only and row["env"] not in only.split(","):
+                    continue
                 key = (row["env"], int(row["seed"]))
                 assert key not in runs or runs[key]["table"] == table, f"seed {key} is in two tables"
                 run = runs.setdefault(key, {"env": key[0], "seed": key[1], "table": table, "episodes": [],
@@ -296,7 +300,8 @@ def main() -> None:
     returns.add_argument("--out", default="returns", help="results file names: <out>.md, <out>.png, <out>_curves.csv")
     returns.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further ppo_continuous.py options")
     pool = modes.add_parser("pool", help="pool final tables: mean ± std, bootstrap interval, IQM, worst seed")
-    pool.add_argument("--tables", nargs="+", required=True, help="result names (<name>.md and <name>_curves.csv)")
+    pool.add_argument("--tables", nargs="+", required=True,
+                      help="result names (<name>.md and <name>_curves.csv); name:Env-v4,... takes only those envs")
     pool.add_argument("--steps", type=int, default=1_000_000)
     pool.add_argument("--out", default="pooled")
     noise = modes.add_parser("noise", help="checkpoints' returns with the policy's σ scaled")
@@ -339,7 +344,8 @@ def noise_mode(args) -> None:
             agent, obs_rms = load_policy(checkpoint, saved["env_id"], torch.device("cpu"))
             agent.actor_logstd.data += np.log(scale) if scale > 0 else 0.0
             episode_returns = evaluate(agent, obs_rms, saved["env_id"], episodes=args.episodes, seed=saved["seed"],
-                                       clip_obs=saved["clip_obs"], stochastic=scale > 0)
+                                       clip_obs=saved["clip_obs"], rescale_actions=saved.get("rescale_actions", False),
+                                       stochastic=scale > 0)
             returns.setdefault((saved["env_id"], scale), []).append(np.mean(episode_returns))
             print(f"{path} σ x {scale}: {np.mean(episode_returns):,.0f}", flush=True)
     envs = list(dict.fromkeys(env for env, _ in returns))
