@@ -94,9 +94,10 @@ def make_env(env_id: str, rescale_actions: bool, **kwargs) -> gym.Env:
     actions in [-1, 1], mapped affinely onto its bounds (spaces already [-1, 1], or unbounded, are left alone)."""
     try:
         env = gym.make(env_id, **kwargs)
-        low, high = getattr(env.action_space, "low", -1), getattr(env.action_space, "high", 1)
-        if rescale_actions and np.isfinite([low, high]).all() and not (np.all(low == -1) and np.all(high == 1)):
-            one = np.ones_like(high)  # in the space's dtype: a float64 bound would draw a warning
+        space = env.action_space
+        bounded = isinstance(space, gym.spaces.Box) and np.isfinite(space.low).all() and np.isfinite(space.high).all()
+        if rescale_actions and bounded and not ((space.low == -1).all() and (space.high == 1).all()):
+            one = np.ones_like(space.high)  # in the space's dtype: a float64 bound would draw a warning
             env = gym.wrappers.RescaleAction(env, -one, one)
         return env
     except Exception as error:  # unknown ids, missing packages, broken constructors: many types
