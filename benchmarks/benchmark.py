@@ -330,7 +330,7 @@ def noise_mode(args) -> None:
     import torch
 
     sys.path.insert(0, ROOT)
-    from ppo_continuous import evaluate, load_policy
+    from ppo_continuous import evaluate, load_checkpoint, load_policy
 
     torch.set_num_threads(1)
     paths = sorted(path for pattern in args.checkpoints for path in glob.glob(pattern))
@@ -338,13 +338,13 @@ def noise_mode(args) -> None:
         sys.exit(f"error: no checkpoint matches {args.checkpoints}" if not paths else "error: --scales must be >= 0")
     returns = {}  # (env, scale) -> one mean return per checkpoint
     for path in paths:
-        checkpoint = torch.load(path, weights_only=False)
+        checkpoint = load_checkpoint(path)  # checked, and older ones given what their missing settings meant
         saved = checkpoint["args"]
         for scale in args.scales:
             agent, obs_rms = load_policy(checkpoint, saved["env_id"], torch.device("cpu"))
             agent.actor_logstd.data += np.log(scale) if scale > 0 else 0.0
             episode_returns = evaluate(agent, obs_rms, saved["env_id"], episodes=args.episodes, seed=saved["seed"],
-                                       clip_obs=saved["clip_obs"], rescale_actions=saved.get("rescale_actions", False),
+                                       clip_obs=saved["clip_obs"], rescale_actions=saved["rescale_actions"],
                                        stochastic=scale > 0)
             returns.setdefault((saved["env_id"], scale), []).append(np.mean(episode_returns))
             print(f"{path} σ x {scale}: {np.mean(episode_returns):,.0f}", flush=True)
