@@ -97,6 +97,10 @@ def make_env(env_id: str, rescale_actions: bool, **kwargs) -> gym.Env:
         space = env.action_space
         bounded = isinstance(space, gym.spaces.Box) and np.isfinite(space.low).all() and np.isfinite(space.high).all()
         if rescale_actions and bounded and not ((space.low == -1).all() and (space.high == 1).all()):
+            if (space.low == space.high).any():  # [-1, 1] cannot map onto a point: the wrapper would send NaN
+                raise SystemExit(f"error: {env_id} has actions with low == high (dimensions "
+                                 f"{np.flatnonzero(space.low == space.high).tolist()}): --rescale-actions cannot map "
+                                 "[-1, 1] onto them; train with --no-rescale-actions")
             one = np.ones_like(space.high)  # in the space's dtype: a float64 bound would draw a warning
             env = gym.wrappers.RescaleAction(env, -one, one)
         return env
@@ -104,9 +108,9 @@ def make_env(env_id: str, rescale_actions: bool, **kwargs) -> gym.Env:
         raise SystemExit(f"error: cannot make environment {env_id!r}: {one_line(error)}")
 
 
-def checked_spaces(env_id: str) -> tuple[gym.spaces.Box, gym.spaces.Box]:
+def checked_spaces(env_id: str, rescale_actions: bool) -> tuple[gym.spaces.Box, gym.spaces.Box]:
     """Observation and action spaces of env_id, or exit with one line if PPO cannot use them."""
-    probe = make_env(env_id, rescale_actions=False)  # only the shapes are read
+    probe = make_env(env_id, rescale_actions)  # built as training builds it: its errors come before any work
     probe.close()
     for name, space in (("observations", probe.observation_space), ("actions", probe.action_space)):
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
@@ -397,7 +401,7 @@ def train(args: Args, checkpoint: dict | None = None, run_dir: str | None = None
         seed(args.seed + rank)  # ranks draw apart; rank 0 draws what one process would
     torch.set_num_threads(args.torch_threads)
     device = pick_device(args.cuda)
-    obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id))
+    obs_dim, action_dim = (space.shape[0] for space in checked_spaces(args.env_id, args.rescale_actions))
     agent = Agent(obs_dim, action_dim, args.init_logstd, args.actor_width,
                   args.critic_width).to(device)
     obs_rms = RunningMeanStd((obs_dim,))
@@ -801,7 +805,7 @@ def load_checkpoint(path: str) -> dict:
 
 def load_policy(checkpoint: dict, env_id: str, device: torch.device) -> tuple[Agent, RunningMeanStd]:
     """The saved actor-critic and its observation statistics, after checking that they fit env_id."""
-    obs_dim, action_dim = (space.shape[0] for space in checked_spaces(env_id))
+    obs_dim, action_dim = (space.shape[0] for space in checked_spaces(env_id, checkpoint["args"]["rescale_actions"]))
     if (obs_dim, action_dim) != (checkpoint["obs_dim"], checkpoint["action_dim"]):
         raise SystemExit(f"error: checkpoint was trained with {checkpoint['obs_dim']} observations and "
                          f"{checkpoint['action_dim']} actions, but {env_id} has {obs_dim} and {action_dim}")

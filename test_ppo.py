@@ -736,11 +736,47 @@ def test_rescaled_actions_map_minus_one_to_one_onto_the_bounds():
     assert type(make_env("MountainCarContinuous-v0", True)) is type(make_env("MountainCarContinuous-v0", False))
 
 
+class PinnedTorquePendulum(gym.ActionWrapper):
+    """Pendulum with a second action dimension pinned at 0.5 (low == high), which the env ignores."""
+
+    def __init__(self):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.action_space = gym.spaces.Box(np.array([-2, 0.5], np.float32), np.array([2, 0.5], np.float32))
+
+    def action(self, action):
+        return action[:1]
+
+
+def test_a_zero_width_action_dimension_is_refused_before_any_work_under_rescale_actions(tmp_path):
+    """Bug caught: RescaleAction maps [-1, 1] onto low == high by dividing by zero and sends NaN to the env, silently;
+    or the refusal comes only from the vector env's workers. One line, exit 1, before the first rollout; the same env
+    trains with --no-rescale-actions."""
+    gym.register("PinnedTorquePendulum-v0", entry_point=PinnedTorquePendulum, max_episode_steps=50)
+    with pytest.raises(SystemExit, match=r"PinnedTorquePendulum-v0 has actions with low == high \(dimensions \[1\]\)"):
+        checked_spaces("PinnedTorquePendulum-v0", True)
+    assert checked_spaces("PinnedTorquePendulum-v0", False)[1].shape == (2,)
+    register = "import gymnasium as gym, test_ppo; gym.register('PinnedTorquePendulum-v0', "
+    register += "entry_point=test_ppo.PinnedTorquePendulum, max_episode_steps=50); "
+    run = "import runpy, sys; sys.argv = ['ppo_continuous.py'] + sys.argv[1:]; runpy.run_path(%r, run_name='__main__')"
+    command = [sys.executable, "-c", register + run % SCRIPT, "--env-id", "PinnedTorquePendulum-v0",
+               "--vector-mode", "async", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "128",
+               "--eval-episodes", "0", "--no-save-model"]
+    env = os.environ | {"PYTHONPATH": os.path.dirname(SCRIPT)}
+    refused = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr  # gymnasium's checker warns first
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: PinnedTorquePendulum-v0 has actions with low == high (dimensions [1]): --rescale-actions cannot map "
+        "[-1, 1] onto them; train with --no-rescale-actions") and not os.path.exists(tmp_path / "runs")
+    trained = subprocess.run(command + ["--no-rescale-actions"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert trained.returncode == 0, trained.stderr
+
+
 @pytest.mark.parametrize("rescale", [True, False])
 def test_rescale_actions_reaches_every_env_the_policy_acts_in(tmp_path, monkeypatch, rescale):
     """Bugs caught: the rollout's envs, the final evaluation's or --eval-checkpoint's built without the run's
     setting (a policy trained in [-1, 1] would then act at half of Pendulum's torque, or one trained in ±2 at
-    twice it). Only checked_spaces' probe, which reads shapes, is made without it."""
+    twice it). checked_spaces' probe is built with it too, so that what make_env refuses is refused first."""
     monkeypatch.chdir(tmp_path)
     made = []
     real_make_env = ppo_continuous.make_env
@@ -748,13 +784,13 @@ def test_rescale_actions_reaches_every_env_the_policy_acts_in(tmp_path, monkeypa
                         made.append(rescale_actions) or real_make_env(env_id, rescale_actions, **kwargs))
     run_dir, _ = train(Args(env_id="Pendulum-v1", total_timesteps=256, eval_episodes=1, rescale_actions=rescale,
                             **SMALL))
-    assert made == [False, rescale, rescale, rescale]  # the probe, the 2 rollout envs, the evaluation's
+    assert made == [rescale] * 4  # the probe, the 2 rollout envs, the evaluation's
     made.clear()
     monkeypatch.setenv("MUJOCO_GL", "egl")  # main() sets it for its process: put it back afterwards
     monkeypatch.setattr(sys, "argv", ["ppo_continuous.py", "--eval-checkpoint", f"{run_dir}/checkpoint.pt",
                                       "--eval-episodes", "1"])
     ppo_continuous.main()
-    assert made == [False, rescale]  # load_policy's probe, the evaluation's
+    assert made == [rescale] * 2  # load_policy's probe, the evaluation's
 
 
 def test_rollout_stores_the_sampled_action_and_the_env_gets_it_clipped(tmp_path, monkeypatch):
@@ -1871,7 +1907,7 @@ def test_any_failure_to_make_the_environment_is_one_line():
     gym.register("Raising-v0", entry_point=RaisingEnv)
     with pytest.raises(SystemExit, match="^error: cannot make environment 'Raising-v0': RuntimeError: the simulator "
                                          "licence has expired$"):
-        checked_spaces("Raising-v0")
+        checked_spaces("Raising-v0", True)
 
 
 class NoRenderModePendulum(gym.Wrapper):
@@ -1941,9 +1977,9 @@ def test_only_flat_box_spaces_are_accepted():
     gym.register("ImagePendulum-v0", entry_point=ImageObservationPendulum)
     gym.register("MatrixActionPendulum-v0", entry_point=MatrixActionPendulum)
     with pytest.raises(SystemExit, match=r"ImagePendulum-v0 observations must be a flat \(1-D\) Box, got Box"):
-        checked_spaces("ImagePendulum-v0")
+        checked_spaces("ImagePendulum-v0", True)
     with pytest.raises(SystemExit, match=r"MatrixActionPendulum-v0 actions must be a flat \(1-D\) Box, got Box"):
-        checked_spaces("MatrixActionPendulum-v0")
+        checked_spaces("MatrixActionPendulum-v0", True)
 
 
 def test_first_screen_shows_each_warning_once_and_the_time_left(tmp_path):

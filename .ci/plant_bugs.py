@@ -291,6 +291,10 @@ KINDS = [
      "env = make_env(env_id, False, **render)", "test_rescale_actions_reaches"),
     ("P5 --eval-checkpoint ignores the saved setting", 'rescale_actions=checkpoint["args"]["rescale_actions"],',
      "rescale_actions=False,", "test_rescale_actions_reaches"),
+    ("P6 a zero-width action dimension not refused", "if (space.low == space.high).any():", "if False:",
+     "test_a_zero_width_action_dimension"),
+    ("P7 the probe built without the setting", "probe = make_env(env_id, rescale_actions)",
+     "probe = make_env(env_id, False)", "test_a_zero_width_action_dimension"),
 ]
 
 
