@@ -619,6 +619,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exception) -> None:
+        if exception and exception[0] is not None and dist.is_initialized():
+            return  # III: on its way out; the launcher's SIGTERM to the survivors must not cut the line that says why
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         for signum, handler in self.default_handlers.items():
             signal.signal(signum, handler)

@@ -2346,3 +2346,19 @@ def test_a_killed_rank_leaves_the_other_with_one_line(tmp_path):
     assert result.returncode != 0
     assert "error: rank 0 lost its connection to another rank, which stopped or died" in result.stderr
     assert "[rank0]" not in result.stderr  # no line of a rank's traceback
+
+
+@pytest.mark.parametrize("ranked", [True, False])
+def test_a_rank_leaving_on_an_error_outlives_the_launchers_sigterm(tmp_path, ranked):
+    """Bug caught (seen under load in the test above): the rank whose peer died gave SIGTERM its default action back
+    while it unwound, and torchrun's SIGTERM to the survivors then killed it before it printed its line. Under
+    torchrun a rank leaving on an error keeps deferring the signals until it exits; one process still gets the
+    default handlers back (the signal stops it: -15), as code that calls train() in-process expects."""
+    group = f"dist.init_process_group('gloo', init_method='file://{tmp_path}/store', rank=0, world_size=1)"
+    code = "\n".join(["import os, signal, torch.distributed as dist", "from ppo_continuous import StopSignals",
+                       group if ranked else "", "try:", "    with StopSignals():",
+                       "        raise RuntimeError('Connection closed by peer')", "except RuntimeError:", "    pass",
+                       "os.kill(os.getpid(), signal.SIGTERM)", "print('survived', flush=True)"])
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": with_repo_on_path()})
+    assert (result.returncode, result.stdout) == ((0, "survived\n") if ranked else (-signal.SIGTERM, "")), result.stderr
