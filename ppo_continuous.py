@@ -97,10 +97,10 @@ def make_env(env_id: str, rescale_actions: bool, **kwargs) -> gym.Env:
         space = env.action_space
         bounded = isinstance(space, gym.spaces.Box) and np.isfinite(space.low).all() and np.isfinite(space.high).all()
         if rescale_actions and bounded and not ((space.low == -1).all() and (space.high == 1).all()):
-            if (space.low == space.high).any():  # [-1, 1] cannot map onto a point: the wrapper would send NaN
-                raise SystemExit(f"error: {env_id} has actions with low == high (dimensions "
-                                 f"{np.flatnonzero(space.low == space.high).tolist()}): --rescale-actions cannot map "
-                                 "[-1, 1] onto them; train with --no-rescale-actions")
+            pinned = np.flatnonzero(space.low == space.high)  # [-1, 1] cannot map onto a point: the wrapper sends NaN
+            if pinned.size:
+                raise SystemExit(f"error: {env_id} has actions with low == high (dimensions {pinned.tolist()}): "
+                                 "--rescale-actions cannot map [-1, 1] onto them; train with --no-rescale-actions")
             one = np.ones_like(space.high)  # in the space's dtype: a float64 bound would draw a warning
             env = gym.wrappers.RescaleAction(env, -one, one)
         return env
@@ -618,8 +618,8 @@ class StopSignals:
         self.default_handlers = {signum: signal.signal(signum, handler) for signum in self.SIGNALS}
         return self
 
-    def __exit__(self, *exception) -> None:
-        if exception and exception[0] is not None and dist.is_initialized():
+    def __exit__(self, error_type=None, *_) -> None:
+        if error_type is not None and dist.is_initialized():
             return  # III: on its way out; the launcher's SIGTERM to the survivors must not cut the line that says why
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         for signum, handler in self.default_handlers.items():

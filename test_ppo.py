@@ -755,13 +755,12 @@ def test_a_zero_width_action_dimension_is_refused_before_any_work_under_rescale_
     with pytest.raises(SystemExit, match=r"PinnedTorquePendulum-v0 has actions with low == high \(dimensions \[1\]\)"):
         checked_spaces("PinnedTorquePendulum-v0", True)
     assert checked_spaces("PinnedTorquePendulum-v0", False)[1].shape == (2,)
-    register = "import gymnasium as gym, test_ppo; gym.register('PinnedTorquePendulum-v0', "
-    register += "entry_point=test_ppo.PinnedTorquePendulum, max_episode_steps=50); "
-    run = "import runpy, sys; sys.argv = ['ppo_continuous.py'] + sys.argv[1:]; runpy.run_path(%r, run_name='__main__')"
-    command = [sys.executable, "-c", register + run % SCRIPT, "--env-id", "PinnedTorquePendulum-v0",
+    code = ("import gymnasium as gym, ppo_continuous, test_ppo; gym.register('PinnedTorquePendulum-v0', entry_point="
+            "test_ppo.PinnedTorquePendulum, max_episode_steps=50); ppo_continuous.main()")
+    command = [sys.executable, "-c", code, "--env-id", "PinnedTorquePendulum-v0",
                "--vector-mode", "async", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "128",
                "--eval-episodes", "0", "--no-save-model"]
-    env = os.environ | {"PYTHONPATH": os.path.dirname(SCRIPT)}
+    env = {**os.environ, "PYTHONPATH": with_repo_on_path()}
     refused = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr  # gymnasium's checker warns first
     assert refused.stderr.strip().splitlines()[-1] == (
