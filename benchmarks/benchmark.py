@@ -25,9 +25,13 @@ pool: pools final tables (`--tables returns finalE1b`: their <name>_curves.csv a
 env: mean ± std over every seed, a 95 % percentile-bootstrap interval of the mean (10,000 resamples within each
 env, seeded), the interquartile mean and the worst seed; writes <out>.md and <out>.png.
 
+scaling: the default command as 1, 2, 4, 8 and 16 torchrun ranks (`--ranks`) in turn, the same steps on each rank
+(`--steps-per-rank`, 100,000), and writes benchmarks/results/scaling.md and scaling.csv: steps/s, the speed-up over
+one process and the efficiency (speed-up ÷ ranks), with rank 0's rollout and update seconds.
+
 exchange: times the one all-reduce that data-parallel training makes per Adam step (the gradient of the
 default HalfCheetah networks) between `--ranks` gloo ranks under torchrun, idle and with a matrix
-product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md.
+product of about the cost of one minibatch between exchanges; writes benchmarks/results/exchange.md (`--out`).
 
 noise: what the policy's remaining noise costs at the end of training: evaluates saved checkpoints (`--checkpoints`,
 globs) for `--episodes` episodes each (10), sampling actions with σ scaled by each of `--scales` (0: the mean
@@ -311,6 +315,12 @@ def main() -> None:
     noise.add_argument("--out", default="noise")
     exchange = modes.add_parser("exchange", help="time of one gradient all-reduce between torchrun ranks")
     exchange.add_argument("--ranks", type=int, default=2)
+    exchange.add_argument("--out", default="exchange", help="results file name: <out>.md")
+    scaling = modes.add_parser("scaling", help="steps/s of the default command on 1, 2, 4, ... torchrun ranks")
+    scaling.add_argument("--env-id", default="HalfCheetah-v4")
+    scaling.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    scaling.add_argument("--steps-per-rank", type=int, default=100_000, help="the same work per rank")
+    scaling.add_argument("--out", default="scaling", help="results file names: <out>.md, <out>.csv")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     if args.mode == "returns":
@@ -319,6 +329,8 @@ def main() -> None:
         pool_mode(args)
     elif args.mode == "exchange":
         exchange_mode(args)
+    elif args.mode == "scaling":
+        scaling_mode(args)
     elif args.mode == "noise":
         noise_mode(args)
     else:
@@ -363,8 +375,9 @@ def noise_mode(args) -> None:
 def exchange_mode(args) -> None:
     if "RANK" not in os.environ:  # start this mode again, as torchrun's ranks
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.ranks}",
-                        os.path.abspath(__file__), "exchange", "--ranks", str(args.ranks)], check=True)
-        print(open(os.path.join(RESULTS, "exchange.md")).read())
+                        os.path.abspath(__file__), "exchange", "--ranks", str(args.ranks), "--out", args.out],
+                       check=True)
+        print(open(os.path.join(RESULTS, f"{args.out}.md")).read())
         return
     import torch
     import torch.distributed as dist
@@ -387,11 +400,49 @@ def exchange_mode(args) -> None:
             seconds += (time.perf_counter() - start) if step >= 100 else 0.0  # the first 100: warm-up
         timings[name] = seconds / 500
     if dist.get_rank() == 0:
-        with open(os.path.join(RESULTS, "exchange.md"), "w") as f:
+        with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
             f.write(f"One all-reduce of {gradient.numel():,} float32 (the default HalfCheetah networks' gradient) "
-                    f"between {args.ranks} gloo ranks on {machine()}; `python benchmarks/benchmark.py exchange`: "
+                    f"between {args.ranks} gloo ranks on {machine()}; "
+                    f"`python benchmarks/benchmark.py exchange --ranks {args.ranks}`: "
                     + ", ".join(f"{name} {seconds * 1e6:,.0f} µs" for name, seconds in timings.items()) + "\n")
     dist.destroy_process_group()
+
+
+def write_csv(out: str, fields: list[str], rows: list[dict]) -> None:
+    """<out>.csv in the results folder: a header, then each row's `fields`."""
+    with open(os.path.join(RESULTS, f"{out}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in fields} for row in rows)
+
+
+def caption(what: str) -> str:
+    """A table's first line: what ran, on which machine, by which command."""
+    return f"{what}, {machine()}, Python {platform.python_version()}; `{' '.join(['python', *sys.argv])}`\n\n"
+
+
+def scaling_mode(args) -> None:
+    """The default command on each number of ranks in turn, the same steps per rank: steps/s, and the efficiency
+    steps/s ÷ (ranks × one process's steps/s), which 1 would be perfect scaling."""
+    rows = []
+    for ranks in args.ranks:
+        rows.append(run_ours(f"ours-{ranks}-ranks", args.env_id, ranks * args.steps_per_rank, [], ranks=ranks))
+        rows[-1]["ranks"], rows[-1]["sps"] = ranks, rows[-1]["steps"] / rows[-1]["wall_s"]
+        print(f"{ranks:>3} rank(s): {rows[-1]['sps']:8,.0f} steps/s  ({rows[-1]['wall_s']:.1f} s)", flush=True)
+    one = next((row["sps"] for row in rows if row["ranks"] == 1), None)  # no 1 in --ranks: no ratios
+    for row in rows:
+        row["speedup"] = row["sps"] / one if one else float("nan")
+        row["efficiency"] = row["speedup"] / row["ranks"]
+
+    write_csv(args.out, ["ranks", "steps", "wall_s", "sps", "speedup", "efficiency", "rollout_s", "update_s",
+                         "command"], rows)
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
+        f.write(caption(f"{args.env_id}, {args.steps_per_rank:,} steps per rank"))
+        f.write("| ranks | steps/s | × one process | efficiency | wall-clock s | rollout s | update s |\n"
+                "|---:|---:|---:|---:|---:|---:|---:|\n")
+        for row in rows:
+            f.write(f"| {row['ranks']} | {row['sps']:,.0f} | {row['speedup']:.2f} | {row['efficiency']:.0%} "
+                    f"| {row['wall_s']:.1f} | {row['rollout_s']:.1f} | {row['update_s']:.1f} |\n")
 
 
 def throughput_mode(args) -> None:
@@ -422,14 +473,9 @@ def throughput_mode(args) -> None:
             ratios.append(f"{ours} / {theirs}: {by_name[ours]['sps'] / by_name[theirs]['sps']:.2f}x")
     print("\n".join(ratios))
 
-    fields = ["run", "steps", "wall_s", "sps", "rollout_s", "update_s", "command"]
-    with open(os.path.join(RESULTS, f"{args.out}.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: row[k] for k in fields} for row in rows)
+    write_csv(args.out, ["run", "steps", "wall_s", "sps", "rollout_s", "update_s", "command"], rows)
     with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
-        f.write(f"{args.env_id}, {steps:,} steps per run, {machine()}, Python {platform.python_version()}; "
-                f"`{' '.join(['python', *sys.argv])}`\n\n")
+        f.write(caption(f"{args.env_id}, {steps:,} steps per run"))
         f.write("| run | steps/s | wall-clock s | rollout s | update s |\n|---|---:|---:|---:|---:|\n")
         for row in rows:
             f.write(f"| {row['run']} | {row['sps']:,.0f} | {row['wall_s']:.1f} | {row['rollout_s']:.1f} "

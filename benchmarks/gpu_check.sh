@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Issue #13's check, on a machine with a GPU: the test file with CUDA visible (its CUDA test runs there only), then
-# the default command (CPU) and --cuda side by side on HalfCheetah-v4, whatever the tests gave.
-#   bash benchmarks/gpu_check.sh [STEPS]      (STEPS per throughput run, default 200000; about 3 minutes in all)
-# Writes pytest.log and throughput-gpu.{md,csv} to $OUT if set, else to benchmarks/results/.
+# The check for a lent machine with a GPU and many cores (issue #26), in one go, quickest measurements first:
+#   1. the default command (CPU) and --cuda side by side on HalfCheetah-v4   -> throughput-gpu.{md,csv}
+#   2. the default command on 1, 2, 4, 8 and 16 torchrun ranks, the same steps per rank  -> scaling.{md,csv}
+#   3. one gradient all-reduce between 2, 4, 8 and 16 ranks                  -> exchange-<ranks>.md
+#   4. the test file with CUDA visible (its CUDA test runs there only)       -> pytest.log
+#   bash benchmarks/gpu_check.sh [STEPS] [STEPS_PER_RANK]    (defaults 200000 and 100000)
+# Writes to $OUT if set, else to benchmarks/results/; exits with the tests' status (1 at once if no GPU is visible).
+# DRY_RUN=1 tries the script on a machine without a GPU first, so the lent machine's minutes go to measuring: no
+# GPU needed, no --cuda run, 20,000 steps, ranks 1 and 2, and of the test file only its CUDA test (skipped there).
 # A machine with torch but no internet takes the missing packages as wheels in .whl/, fetched elsewhere with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 (and the
 #   other manylinux tags) -d .whl gymnasium farama-notifications mujoco glfw pyopengl tyro docstring-parser shtab
-#   typeguard moviepy decorator proglog python-dotenv imageio-ffmpeg
+#   typeguard moviepy decorator proglog python-dotenv imageio-ffmpeg tensorboard
 # and, for the video test's headless MuJoCo, the EGL libraries as .deb files in .gl/ (libegl1 libglvnd0 libopengl0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +25,22 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 results=${OUT:-benchmarks/results}
 mkdir -p "$results"
-python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.cuda.get_device_name(0))" \
-    || exit 1
-python3 -m pytest -q -p no:cacheprovider test_ppo.py 2>&1 | tee "$results/pytest.log"
-tests=${PIPESTATUS[0]}
-python3 benchmarks/benchmark.py throughput --steps "${1:-200000}" --only ours-default ours-cuda raw-env \
-    --out throughput-gpu || exit 1
-[ "$results" = benchmarks/results ] || cp benchmarks/results/throughput-gpu.* "$results"/
-exit "$tests"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    steps=20000 steps_per_rank=20000 ranks="1 2" runs="ours-default raw-env" only_tests=(-k cuda)
+else
+    python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.cuda.get_device_name(0))" \
+        || exit 1
+    steps=${1:-200000} steps_per_rank=${2:-100000} ranks="1 2 4 8 16" runs="ours-default ours-cuda raw-env"
+    only_tests=()
+fi
+# shellcheck disable=SC2086  # $runs and $ranks are lists of words
+python3 benchmarks/benchmark.py throughput --steps "$steps" --only $runs --out throughput-gpu || exit 1
+# shellcheck disable=SC2086
+python3 benchmarks/benchmark.py scaling --steps-per-rank "$steps_per_rank" --ranks $ranks || exit 1
+for n in $ranks; do
+    [ "$n" -gt 1 ] && { python3 benchmarks/benchmark.py exchange --ranks "$n" --out "exchange-$n" || exit 1; }
+done
+[ "$results" = benchmarks/results ] || cp benchmarks/results/throughput-gpu.* benchmarks/results/scaling.* \
+    benchmarks/results/exchange-*.md "$results"/
+python3 -m pytest -q -p no:cacheprovider test_ppo.py "${only_tests[@]}" 2>&1 | tee "$results/pytest.log"
+exit "${PIPESTATUS[0]}"
