@@ -423,7 +423,7 @@ def caption(what: str) -> str:
 
 def scaling_mode(args) -> None:
     """The default command on each number of ranks in turn, the same steps per rank: steps/s, and the efficiency
-    steps/s ÷ (ranks × one process's steps/s), which 1 would be perfect scaling."""
+    steps/s ÷ (ranks × one process's steps/s): 1 is perfect scaling."""
     rows = []
     for ranks in args.ranks:
         rows.append(run_ours(f"ours-{ranks}-ranks", args.env_id, ranks * args.steps_per_rank, [], ranks=ranks))

@@ -11,7 +11,8 @@
 # A machine with torch but no internet takes the missing packages as wheels in .whl/, fetched elsewhere with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 (and the
 #   other manylinux tags) -d .whl gymnasium farama-notifications mujoco glfw pyopengl tyro docstring-parser shtab
-#   typeguard moviepy decorator proglog python-dotenv imageio-ffmpeg tensorboard
+#   typeguard moviepy decorator proglog python-dotenv imageio-ffmpeg, and tensorboard absl-py grpcio markdown protobuf
+#   tensorboard-data-server werkzeug where the machine lacks TensorBoard (the script logs to it; so does the benchmark)
 # and, for the video test's headless MuJoCo, the EGL libraries as .deb files in .gl/ (libegl1 libglvnd0 libopengl0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +29,9 @@ mkdir -p "$results"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     steps=20000 steps_per_rank=20000 ranks="1 2" runs="ours-default raw-env" only_tests=(-k cuda)
 else
-    python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU visible'; print(torch.cuda.get_device_name(0))" \
-        || exit 1
+    python3 -c "import sys, torch
+sys.exit('gpu_check.sh: no GPU visible (DRY_RUN=1 tries it without one)') if not torch.cuda.is_available() else None
+print(torch.cuda.get_device_name(0))" || exit 1
     steps=${1:-200000} steps_per_rank=${2:-100000} ranks="1 2 4 8 16" runs="ours-default ours-cuda raw-env"
     only_tests=()
 fi
